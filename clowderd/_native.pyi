@@ -1,0 +1,52 @@
+"""Typed boundary of the native extension built from native/ (see native/README.md).
+
+Every function releases the GIL while it works on bytes. Buffers are any C-contiguous object
+supporting the buffer protocol (bytes, bytearray, memoryview, mmap).
+"""
+from typing import Sequence
+
+# FastCDC parameters used when none are given.
+MIN_SIZE: int  # 8 KiB
+AVG_SIZE: int  # 64 KiB
+MAX_SIZE: int  # 128 KiB
+# Which BLAKE3 kernel this CPU got: "avx512" or "portable".
+BLAKE3_KERNEL: str
+
+# One chunk: (offset in the input, length, 32-byte BLAKE3 id).
+Chunk = tuple[int, int, bytes]
+
+def blake3(data: bytes | bytearray | memoryview) -> bytes:
+    """The 32-byte BLAKE3 hash of data."""
+
+def chunk(
+    data: bytes | bytearray | memoryview,
+    cuts: Sequence[int] = (),
+    *,
+    min_size: int = ...,
+    avg_size: int = ...,
+    max_size: int = ...,
+    threads: int = 0,
+) -> list[Chunk]:
+    """Cut data into content-defined chunks and hash each with BLAKE3.
+
+    Every offset in cuts (sorted, 0 < cut < len(data)) is forced to be a chunk boundary; between
+    forced cuts FastCDC decides. The result does not depend on threads (0 means one per CPU).
+    Empty data gives no chunks. avg_size must be a power of two, min_size >= 64 and
+    min_size <= avg_size <= max_size. Raises ValueError for unsorted or out-of-range cuts or
+    inconsistent sizes."""
+
+def ingest(
+    src_fd: int,
+    dst_fd: int,
+    cuts: Sequence[int] = (),
+    *,
+    min_size: int = ...,
+    avg_size: int = ...,
+    max_size: int = ...,
+    threads: int = 0,
+) -> tuple[bytes, list[Chunk]]:
+    """One pass over the whole of src_fd (offset 0 to its size at the call): copy it to dst_fd
+    (from dst_fd's offset 0; -1 means no copy), compute its sha256 and cut and hash its chunks as
+    chunk() would. Returns (32-byte sha256 digest, chunks). Written data is pushed to disk as it
+    goes (sync_file_range); the caller still fsyncs dst_fd before relying on it.
+    Raises OSError (with errno, e.g. ENOSPC) on I/O failure and ValueError as chunk() does."""

@@ -1,0 +1,1 @@
+"""The aimage format: media types, references, configuration, manifests, model and adapter directories."""

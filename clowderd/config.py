@@ -1,0 +1,333 @@
+"""clowderd settings: defaults, the TOML config file, and command-line overrides.
+
+Precedence: built-in defaults < config file < command-line flags. Every error names where the bad
+value came from (``FILE: key`` or ``--flag``) so the operator knows what to edit; the program exits
+with status 2 on any of them before it starts anything.
+
+The file (TOML, read with tomllib)::
+
+    data_dir = "/var/lib/clowder"
+    node_name = "gpu-01"
+    roles = ["controller", "storage", "worker", "lb"]
+    shutdown_grace_seconds = 10
+
+    [labels]             # node labels reported to the controller (node_selector placement)
+    zone = "rack-3"
+
+    [log]
+    level = "info"       # debug, info, warning, error
+    format = "json"      # json, text
+
+    [controller]
+    listen = "127.0.0.1:7070"
+    [storage]
+    listen = "127.0.0.1:7071"
+    [worker]
+    listen = "127.0.0.1:7072"
+    controller = "127.0.0.1:7070"
+    [lb]
+    listen = "127.0.0.1:7073"
+    controller = "127.0.0.1:7070"
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from clowderd.errors import InvalidInput
+
+# Canonical order; servers start and log in this order.
+ROLES = ("controller", "storage", "worker", "lb")
+
+# Default ports, one per role, consecutive so that a firewall rule is one range: 7070-7073.
+DEFAULT_PORTS = {"controller": 7070, "storage": 7071, "worker": 7072, "lb": 7073}
+
+# Listening on loopback by default is deliberate. Operators of cluster services often expect
+# 0.0.0.0, but until the admin API and Membership are authenticated (join tokens, TLS), a
+# default that exposes "deploy anything, drain any node" to the whole network is the wrong
+# trade. A one-node install works as is; a multi-node install sets `listen = "0.0.0.0:707x"`
+# in /etc/clowder/clowderd.toml, a one-line, explicit decision (the example config shows it).
+DEFAULT_HOST = "127.0.0.1"
+
+DEFAULT_DATA_DIR = "/var/lib/clowder"
+DEFAULT_GRACE_SECONDS = 10.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
+
+
+class ConfigError(InvalidInput):
+    """A setting is missing, unknown or invalid. The message names the file and key or the flag."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A "host:port" pair. IPv6 hosts are kept without brackets and printed with them."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class RoleConfig:
+    listen: Address
+    # Where the worker and lb roles reach the controller. None for controller and storage, and
+    # for worker and lb when the controller role runs in the same process.
+    controller: Address | None = None
+
+
+@dataclass
+class Config:
+    data_dir: str = DEFAULT_DATA_DIR
+    node_name: str = ""
+    roles: tuple[str, ...] = ROLES
+    shutdown_grace_seconds: float = DEFAULT_GRACE_SECONDS
+    labels: dict[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    log_format: str = "json"
+    role: dict[str, RoleConfig] = field(default_factory=dict)
+    config_path: str | None = None
+    # Dotted key -> where its value came from, for error messages: "FILE: key" or "--flag".
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """How to name the setting `key` in a message: the flag or "FILE: key"."""
+        return self.sources.get(key) or f"{key} (default)"
+
+
+def parse_address(value: Any, where: str, *, allow_port_zero: bool) -> Address:
+    """Parse "host:port" or "[v6]:port"; host is an IP literal or a DNS name."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string \"HOST:PORT\", got {_tname(value)}")
+    text = value.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z]+)\]:(\d{1,5})", text) or \
+        re.fullmatch(r"([^:\[\]\s]+):(\d{1,5})", text)
+    if not m:
+        raise ConfigError(f"{where}: {value!r} is not HOST:PORT (IPv6 as [ADDR]:PORT)")
+    host, port = m.group(1), int(m.group(2))
+    lo = 0 if allow_port_zero else 1
+    if not lo <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} in {value!r} is out of range {lo}-65535")
+    if text.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{where}: {host!r} in {value!r} is not an IPv6 address") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if re.fullmatch(r"[0-9.]+", host) or not _HOSTNAME_RE.match(host):
+                raise ConfigError(f"{where}: {host!r} in {value!r} is neither an IP address "
+                                  "nor a host name") from None
+    return Address(host, port)
+
+
+def _tname(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def parse_roles(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+        items = [x.strip() for x in value]
+    else:
+        raise ConfigError(f"{where}: expected an array of role names, got {_tname(value)}")
+    if not items:
+        raise ConfigError(f"{where}: no roles given; choose from {', '.join(ROLES)}")
+    for r in items:
+        if r not in ROLES:
+            raise ConfigError(f"{where}: unknown role {r!r}; choose from {', '.join(ROLES)}")
+    return tuple(r for r in ROLES if r in items)
+
+
+# Schema of the file: key -> kind. A nested dict is a table.
+_SCHEMA: dict[str, Any] = {
+    "data_dir": "str",
+    "node_name": "str",
+    "roles": "roles",
+    "shutdown_grace_seconds": "seconds",
+    "labels": "labels",
+    "log": {"level": "level", "format": "format"},
+    "controller": {"listen": "listen"},
+    "storage": {"listen": "listen"},
+    "worker": {"listen": "listen", "controller": "connect"},
+    "lb": {"listen": "listen", "controller": "connect"},
+}
+
+
+def _check_tree(data: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, file: str,
+                out: dict[str, Any]) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            where = f"[{prefix[:-1]}]" if prefix else "the top level"
+            raise ConfigError(f"{file}: unknown key {dotted!r} (known keys in {where}: {known})")
+        kind = schema[key]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{file}: {dotted}: expected a table [{dotted}], "
+                                  f"got {_tname(value)}")
+            _check_tree(value, kind, dotted + ".", file, out)
+        else:
+            out[dotted] = value
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read and structurally check a config file; returns dotted key -> raw value."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"--config {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    out: dict[str, Any] = {}
+    _check_tree(data, _SCHEMA, "", path, out)
+    return out
+
+
+def build_config(file_path: str | None, flags: Mapping[str, Any],
+                 flag_names: Mapping[str, str] | None = None) -> Config:
+    """Merge defaults, the file (if any) and flags (dotted key -> value, None = not given).
+
+    Flag keys use the file's dotted names: "roles", "data_dir", "controller.listen", ...; a
+    flag is named in messages as "--" + the key with "." and "_" as "-", unless flag_names says
+    otherwise.
+    """
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if file_path is not None:
+        for k, v in load_file(file_path).items():
+            raw[k] = v
+            sources[k] = f"{file_path}: {k}"
+    for k, v in flags.items():
+        if v is None:
+            continue
+        raw[k] = v
+        sources[k] = (flag_names or {}).get(k) or "--" + k.replace(".", "-").replace("_", "-")
+
+    def w(key: str) -> str:
+        return sources.get(key, key)
+
+    cfg = Config(config_path=file_path, sources=sources)
+    if "data_dir" in raw:
+        v = raw["data_dir"]
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{w('data_dir')}: expected a non-empty path string, got {v!r}")
+        cfg.data_dir = os.path.abspath(os.path.expanduser(v))
+    if "node_name" in raw:
+        v = raw["node_name"]
+        if not isinstance(v, str) or not _NODE_NAME_RE.match(v):
+            raise ConfigError(f"{w('node_name')}: {v!r} is not a valid node name (letters, digits, "
+                              "'.', '-', '_'; starts and ends with a letter or digit)")
+        cfg.node_name = v
+    else:
+        cfg.node_name = socket.gethostname() or "localhost"
+    if "roles" in raw:
+        cfg.roles = parse_roles(raw["roles"], w("roles"))
+    if "shutdown_grace_seconds" in raw:
+        v = raw["shutdown_grace_seconds"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+            raise ConfigError(f"{w('shutdown_grace_seconds')}: expected a number of seconds "
+                              f"from 0 to 3600, got {v!r}")
+        cfg.shutdown_grace_seconds = float(v)
+    if "labels" in raw:
+        v = raw["labels"]
+        if not isinstance(v, dict):
+            raise ConfigError(f"{w('labels')}: expected a table of strings, got {_tname(v)}")
+        for lk, lv in v.items():
+            if not _LABEL_KEY_RE.match(lk):
+                raise ConfigError(f"{w('labels')}.{lk}: invalid label key {lk!r}")
+            if not isinstance(lv, str):
+                raise ConfigError(f"{w('labels')}.{lk}: expected a string, got {_tname(lv)}")
+        cfg.labels = dict(v)
+    if "log.level" in raw:
+        v = raw["log.level"]
+        if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
+            raise ConfigError(f"{w('log.level')}: {v!r} is not one of {', '.join(LOG_LEVELS)}")
+        cfg.log_level = v.lower()
+    if "log.format" in raw:
+        v = raw["log.format"]
+        if not isinstance(v, str) or v.lower() not in LOG_FORMATS:
+            raise ConfigError(f"{w('log.format')}: {v!r} is not one of {', '.join(LOG_FORMATS)}")
+        cfg.log_format = v.lower()
+
+    # Listen addresses of every role are checked even when the role is not enabled, so that a
+    # typo is found now rather than on the day the role is turned on.
+    for role in ROLES:
+        key = f"{role}.listen"
+        if key in raw:
+            listen = parse_address(raw[key], w(key), allow_port_zero=True)
+        else:
+            listen = Address(DEFAULT_HOST, DEFAULT_PORTS[role])
+            sources.setdefault(key, f"{key} (default {listen})")
+        cfg.role[role] = RoleConfig(listen=listen)
+    for role in ("worker", "lb"):
+        key = f"{role}.controller"
+        if key in raw:
+            cfg.role[role].controller = parse_address(raw[key], w(key), allow_port_zero=False)
+        elif "controller" in cfg.roles:
+            # None: the controller of this same process, reached over gRPC like a remote one;
+            # resolved when its port is bound (see Process.controller_address).
+            cfg.role[role].controller = None
+        elif role in cfg.roles:
+            where = f"{file_path}: {key}" if file_path else key
+            raise ConfigError(f"{where}: required when the {role} role runs without the controller "
+                              f"role in the same process (set [{role}] controller = \"HOST:PORT\" "
+                              "or --controller HOST:PORT)")
+
+    seen: dict[Address, str] = {}
+    for role in cfg.roles:
+        a = cfg.role[role].listen
+        if a.port != 0 and a in seen:
+            raise ConfigError(f"{w(role + '.listen')}: {a} is also the listen address of "
+                              f"{seen[a]}; each role needs its own port")
+        seen[a] = f"{role} ({cfg.where(role + '.listen')})"
+    return cfg
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """The effective settings, for a log line at startup."""
+    d: dict[str, Any] = {
+        "config": cfg.config_path, "data_dir": cfg.data_dir, "node_name": cfg.node_name,
+        "roles": list(cfg.roles), "shutdown_grace_seconds": cfg.shutdown_grace_seconds,
+        "labels": dict(cfg.labels), "log": {"level": cfg.log_level, "format": cfg.log_format},
+    }
+    for r in cfg.roles:
+        rc = cfg.role[r]
+        d[r] = {"listen": str(rc.listen)}
+        if rc.controller:
+            d[r]["controller"] = str(rc.controller)
+    return d
+
+
+def iter_enabled(cfg: Config) -> Iterable[tuple[str, RoleConfig]]:
+    for r in cfg.roles:
+        yield r, cfg.role[r]

@@ -1,0 +1,1 @@
+"""The content store: chunked, hashed, immutable blobs; names; model views; gc and fsck."""

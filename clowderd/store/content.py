@@ -1,0 +1,489 @@
+"""The content store: immutable blobs under their sha256 digest, cut into BLAKE3-named chunks.
+
+Read it as three small interfaces, after containerd's content store:
+- Provider: info(), exists(), read_bytes(), open(), chunk_index(), path()
+- Ingester: ingest_file(), ingest_bytes(): write to a temp file, check the digest, fsync, rename
+- Manager: blobs(), delete() (used by gc), usage()
+
+A blob is kept in one of two layouts. The first time content arrives it is kept as a whole file,
+blobs/sha256/<hex>, read-only, ready to be hard-linked into a model directory. A blob most of whose
+chunks the node already has is kept as chunks only: its missing chunks go into a pack file and its
+chunk index says where the rest already are. Such a blob gets a whole file again (a materialized
+copy, which gc may drop) when something needs it as a file.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import io
+import mmap
+import os
+import secrets
+import sqlite3
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+from clowderd import _native as native
+from clowderd.errors import DigestMismatch, InvalidInput, NotFound, StoreError
+from clowderd.store import db
+
+# A blob is kept as chunks (not as a whole file) when at least this share of its bytes is
+# already in the store; below it, pointing into other files is not worth the indirection.
+DEDUP_MIN_SHARE = 0.10
+
+# Bytes an ingest leaves free on the store's filesystem, so that a full store does not also
+# starve the database, the logs and the engines sharing the disk.
+DEFAULT_RESERVE_BYTES = 64 << 20
+
+_RECORD = struct.Struct("<QI32s")  # offset, length, BLAKE3 id: one chunk-index record
+
+Chunk = tuple[int, int, bytes]
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    layout: str  # 'file' or 'chunks'
+    cached: bool  # a 'chunks' blob that also has a materialized whole file
+    chunk_count: int
+
+    @property
+    def has_file(self) -> bool:
+        return self.layout == "file" or self.cached
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    info: BlobInfo
+    new: bool  # False when the store already had this blob
+    stored_bytes: int  # bytes this ingest added to the store (0 for a blob it already had)
+
+
+@dataclass(frozen=True)
+class Usage:
+    blob_count: int
+    logical_bytes: int  # sum of the sizes of all blobs
+    file_bytes: int  # whole blob files that hold chunks other blobs point into
+    pack_bytes: int  # pack files
+    cache_bytes: int  # materialized copies of chunked blobs (reclaimable)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.file_bytes + self.pack_bytes
+
+
+def parse_digest(digest: str) -> str:
+    """Return the hex part of a sha256 digest string, or raise InvalidInput naming it."""
+    algo, sep, hexpart = digest.partition(":")
+    if not sep or algo != "sha256":
+        raise InvalidInput(f"digest {digest!r}: only sha256 digests are supported")
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise InvalidInput(f"digest {digest!r}: expected 64 lowercase hex characters after 'sha256:'")
+    return hexpart
+
+
+def pack_chunk_index(chunks: Sequence[Chunk]) -> bytes:
+    return b"".join(_RECORD.pack(off, length, cid) for off, length, cid in chunks)
+
+
+def unpack_chunk_index(data: bytes) -> list[Chunk]:
+    return list(_RECORD.iter_unpack(data))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ContentStore:
+    """A node's content store rooted at a directory (normally <data-dir>/store)."""
+
+    def __init__(self, root: Path, reserve_bytes: int = DEFAULT_RESERVE_BYTES):
+        self.root = Path(root)
+        self.reserve_bytes = reserve_bytes
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.pack_dir = self.root / "packs"
+        self.tmp_dir = self.root / "tmp"
+        self.view_dir = self.root / "views"
+        for d in (self.blob_dir, self.pack_dir, self.tmp_dir, self.view_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self.root / "lock"
+        self._lock_path.touch(exist_ok=True)
+        try:
+            self.db = db.connect(self.root / "index.db")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store index {self.root / 'index.db'}: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- locking ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    def shared_lock(self):
+        """Held by writers that add content (ingest, build, views); many at once."""
+        return self._flock(fcntl.LOCK_SH)
+
+    def exclusive_lock(self):
+        """Held by gc: no writer may pin content while unreferenced content is removed."""
+        return self._flock(fcntl.LOCK_EX)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing; a database failure (a full disk, say) comes out as StoreError."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise StoreError(f"the store index {self.root / 'index.db'} cannot be updated: {exc}") from exc
+
+    # -- paths -----------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blob_dir / parse_digest(digest)
+
+    def location_path(self, location: str) -> Path:
+        kind, _, name = location.partition(":")
+        if kind == "blob":
+            return self.blob_dir / name
+        if kind == "pack":
+            return self.pack_dir / f"{name}.pack"
+        raise StoreError(f"store index names an unknown chunk location {location!r}")
+
+    def _temp_path(self, suffix: str) -> Path:
+        return self.tmp_dir / f"{secrets.token_hex(8)}.{suffix}"
+
+    # -- Provider --------------------------------------------------------------------------
+    def info(self, digest: str) -> BlobInfo:
+        parse_digest(digest)
+        row = self.db.execute(
+            "SELECT digest, size, layout, cached, chunk_count FROM blobs WHERE digest = ?", (digest,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"blob {digest} is not in the store")
+        return BlobInfo(row[0], row[1], row[2], bool(row[3]), row[4])
+
+    def exists(self, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone() is not None
+
+    def chunk_index(self, digest: str) -> list[Chunk]:
+        row = self.db.execute("SELECT records FROM chunk_indexes WHERE digest = ?", (digest,)).fetchone()
+        if row is None:
+            raise NotFound(f"blob {digest} is not in the store")
+        return unpack_chunk_index(row[0])
+
+    def read_bytes(self, digest: str) -> bytes:
+        """The whole content of a (small) blob: manifests, configurations."""
+        with self.open(digest) as f:
+            return f.read()
+
+    def open(self, digest: str) -> BinaryIO:
+        """A readable, seekable file object over the blob's bytes."""
+        info = self.info(digest)
+        if info.has_file:
+            return open(self.blob_path(digest), "rb")
+        return io.BufferedReader(_ChunkedReader(self, info.size, self.chunk_index(digest)), 1 << 20)
+
+    def read_chunk(self, chunk_id: bytes) -> bytes:
+        row = self.db.execute("SELECT location, offset, length FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"chunk {chunk_id.hex()} is not in the store")
+        location, offset, length = row
+        with open(self.location_path(location), "rb") as f:
+            data = os.pread(f.fileno(), length, offset)
+        if len(data) != length:
+            raise StoreError(f"{self.location_path(location)}: short read for chunk {chunk_id.hex()}")
+        return data
+
+    def path(self, digest: str) -> Path:
+        """The path of the blob's whole, read-only file, materializing it from chunks if needed."""
+        info = self.info(digest)
+        if not info.has_file:
+            with self.shared_lock():
+                self._materialize(info)
+        return self.blob_path(digest)
+
+    # -- Ingester --------------------------------------------------------------------------
+    def ingest_file(self, src: Path, cuts: Sequence[int] = (), expected_digest: str | None = None) -> IngestResult:
+        """Store the file at src. cuts are offsets forced to be chunk boundaries (tensor
+        boundaries of a safetensors file). Raises DigestMismatch when expected_digest is given
+        and the content does not match; the store is then unchanged."""
+        src = Path(src)
+        with self.shared_lock():
+            return self._ingest_file(src, cuts, expected_digest)
+
+    def _ingest_file(self, src: Path, cuts: Sequence[int], expected_digest: str | None) -> IngestResult:
+        try:
+            src_fd = os.open(src, os.O_RDONLY)
+        except OSError as exc:
+            raise InvalidInput(f"{src}: {exc.strerror}") from exc
+        tmp = self._temp_path("ingest")
+        try:
+            size = os.fstat(src_fd).st_size
+            self.check_free_space(size, str(src))
+            dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                try:
+                    sha, chunks = native.ingest(src_fd, dst_fd, cuts)
+                except OSError as exc:
+                    raise self._write_error(exc, src) from exc
+                os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+            digest = "sha256:" + sha.hex()
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatch(f"{src}: content has digest {digest}, expected {expected_digest}")
+            return self._commit(tmp, digest, size, chunks)
+        finally:
+            os.close(src_fd)
+            tmp.unlink(missing_ok=True)
+
+    def ingest_bytes(self, data: bytes, expected_digest: str | None = None) -> IngestResult:
+        """Store a small blob given in memory (a manifest, a configuration)."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if expected_digest is not None and digest != expected_digest:
+            raise DigestMismatch(f"content has digest {digest}, expected {expected_digest}")
+        with self.shared_lock():
+            if self.exists(digest):
+                return IngestResult(self.info(digest), new=False, stored_bytes=0)
+            return self._ingest_bytes(data, digest)
+
+    def _ingest_bytes(self, data: bytes, digest: str) -> IngestResult:
+        tmp = self._temp_path("ingest")
+        try:
+            self.check_free_space(len(data), "a blob")
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise self._write_error(exc, None) from exc
+            return self._commit(tmp, digest, len(data), native.chunk(data))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def check_free_space(self, size: int, what: str) -> None:
+        """Refuse, before writing anything, to write size bytes that would eat the reserve."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if size + self.reserve_bytes > free:
+            raise StoreError(
+                f"not enough space in the store at {self.root} for {what} ({size:,} bytes): "
+                f"{free:,} bytes are free and {self.reserve_bytes:,} are kept in reserve"
+            )
+
+    def _write_error(self, exc: OSError, src: Path | None) -> StoreError:
+        what = f" while storing {src}" if src else ""
+        return StoreError(f"cannot write to the store at {self.root}{what}: {exc.strerror or exc}")
+
+    def _commit(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
+        """Move a verified temp file into the store in the layout its chunks call for."""
+        if self.exists(digest):
+            return IngestResult(self.info(digest), new=False, stored_bytes=0)
+        ids = list({cid for _, _, cid in chunks})
+        known = self._known_chunks(ids)
+        known_bytes = sum(length for _, length, cid in chunks if cid in known)
+        if size and known_bytes >= DEDUP_MIN_SHARE * size:
+            return self._commit_chunked(tmp, digest, size, chunks, known)
+        return self._commit_file(tmp, digest, size, chunks)
+
+    def _known_chunks(self, ids: list[bytes]) -> set[bytes]:
+        known: set[bytes] = set()
+        for i in range(0, len(ids), 500):
+            batch = ids[i : i + 500]
+            marks = ",".join("?" * len(batch))
+            known.update(r[0] for r in self.db.execute(f"SELECT id FROM chunks WHERE id IN ({marks})", batch))
+        return known
+
+    def _commit_file(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
+        hexpart = parse_digest(digest)
+        final = self.blob_dir / hexpart
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, final)
+        _fsync_dir(self.blob_dir)
+        location = f"blob:{hexpart}"
+        try:
+            with self.transaction() as tx:
+                self._insert_blob(tx, digest, size, "file", chunks)
+                tx.executemany(
+                    "INSERT OR IGNORE INTO chunks (id, location, offset, length) VALUES (?, ?, ?, ?)",
+                    ((cid, location, off, length) for off, length, cid in chunks),
+                )
+        except StoreError:
+            if not self.exists(digest):  # unless a concurrent ingest of the same content won
+                final.unlink(missing_ok=True)
+            raise
+        return IngestResult(self.info(digest), new=True, stored_bytes=size)
+
+    def _commit_chunked(self, tmp: Path, digest: str, size: int, chunks: list[Chunk], known: set[bytes]) -> IngestResult:
+        missing: dict[bytes, tuple[int, int]] = {}
+        for off, length, cid in chunks:
+            if cid not in known and cid not in missing:
+                missing[cid] = (off, length)
+        pack_name = None
+        pack_rows = []
+        if missing:
+            pack_name, pack_rows = self._write_pack(tmp, missing)
+        try:
+            with self.transaction() as tx:
+                self._insert_blob(tx, digest, size, "chunks", chunks)
+                tx.executemany(
+                    "INSERT OR IGNORE INTO chunks (id, location, offset, length) VALUES (?, ?, ?, ?)",
+                    ((cid, f"pack:{pack_name}", off, length) for cid, off, length in pack_rows),
+                )
+        except StoreError:
+            if pack_name:
+                (self.pack_dir / f"{pack_name}.pack").unlink(missing_ok=True)
+            raise
+        return IngestResult(self.info(digest), new=True, stored_bytes=sum(r[2] for r in pack_rows))
+
+    def _write_pack(self, src: Path, wanted: dict[bytes, tuple[int, int]]) -> tuple[str, list[tuple[bytes, int, int]]]:
+        """Copy the wanted (offset, length) ranges of src into a new pack file; returns its name
+        and (chunk id, offset in pack, length) rows."""
+        name = secrets.token_hex(16)
+        tmp = self._temp_path("pack")
+        rows = []
+        try:
+            with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                pos = 0
+                for cid, (off, length) in wanted.items():
+                    copied = 0
+                    while copied < length:
+                        n = os.copy_file_range(fin.fileno(), fout.fileno(), length - copied, off + copied, pos + copied)
+                        if n == 0:
+                            raise StoreError(f"{src}: ended early while writing a pack")
+                        copied += n
+                    rows.append((cid, pos, length))
+                    pos += length
+                os.fsync(fout.fileno())
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, self.pack_dir / f"{name}.pack")
+            _fsync_dir(self.pack_dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(exc, None) from exc
+        return name, rows
+
+    @staticmethod
+    def _insert_blob(tx: sqlite3.Connection, digest: str, size: int, layout: str, chunks: list[Chunk]) -> None:
+        tx.execute(
+            "INSERT INTO blobs (digest, size, layout, cached, chunk_count, created) VALUES (?, ?, ?, 0, ?, ?)",
+            (digest, size, layout, len(chunks), time.time()),
+        )
+        tx.execute("INSERT INTO chunk_indexes (digest, records) VALUES (?, ?)", (digest, pack_chunk_index(chunks)))
+
+    # -- materialization -------------------------------------------------------------------
+    def _materialize(self, info: BlobInfo) -> None:
+        """Assemble a chunked blob into a whole file, checking its digest before it is visible."""
+        self.check_free_space(info.size, f"a copy of {info.digest}")
+        tmp = self._temp_path("materialize")
+        try:
+            with open(tmp, "xb") as fout:
+                out = fout.fileno()
+                for off, length, cid in self.chunk_index(info.digest):
+                    data = self.read_chunk(cid)
+                    if native.blake3(data) != cid:
+                        raise StoreError(f"chunk {cid.hex()} of blob {info.digest} is corrupt; run 'clowderctl fsck'")
+                    os.pwrite(out, data, off)
+                os.fsync(out)
+            actual = "sha256:" + file_sha256(tmp)
+            if actual != info.digest:
+                raise StoreError(f"blob {info.digest} assembles to {actual}; run 'clowderctl fsck'")
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, self.blob_path(info.digest))
+            _fsync_dir(self.blob_dir)
+        except OSError as exc:
+            raise self._write_error(exc, None) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self.transaction() as tx:
+            tx.execute("UPDATE blobs SET cached = 1 WHERE digest = ?", (info.digest,))
+
+    # -- Manager ---------------------------------------------------------------------------
+    def blobs(self) -> list[BlobInfo]:
+        rows = self.db.execute("SELECT digest, size, layout, cached, chunk_count FROM blobs ORDER BY digest")
+        return [BlobInfo(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+    def usage(self) -> Usage:
+        blob_count, logical = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        file_bytes = self.db.execute("SELECT coalesce(sum(size), 0) FROM blobs WHERE layout = 'file'").fetchone()[0]
+        cache_bytes = self.db.execute(
+            "SELECT coalesce(sum(size), 0) FROM blobs WHERE layout = 'chunks' AND cached = 1"
+        ).fetchone()[0]
+        pack_bytes = sum(p.stat().st_size for p in self.pack_dir.glob("*.pack"))
+        return Usage(blob_count, logical, file_bytes, pack_bytes, cache_bytes)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read through a mapping (hashlib releases the GIL on big updates)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            step = 16 << 20
+            for i in range(0, len(m), step):
+                h.update(view[i : i + step])
+            view.release()
+    return h.hexdigest()
+
+
+class _ChunkedReader(io.RawIOBase):
+    """Reads a chunked blob through its chunk index without materializing it."""
+
+    def __init__(self, store: ContentStore, size: int, chunks: list[Chunk]):
+        self._store = store
+        self._size = size
+        self._chunks = chunks
+        self._starts = [off for off, _, _ in chunks]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        if self._pos >= self._size:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        off, length, cid = self._chunks[i]
+        data = self._store.read_chunk(cid)
+        start = self._pos - off
+        n = min(len(buf), length - start)
+        buf[:n] = data[start : start + n]
+        self._pos += n
+        return n

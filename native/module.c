@@ -1,0 +1,242 @@
+/* Python boundary of clowderd._native: argument parsing and validation with the GIL held, byte work
+ * without it. The typed contract is clowderd/_native.pyi. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <unistd.h>
+
+#include "blake3.h"
+#include "chunker.h"
+#include "ingest.h"
+
+/* Reads cuts (a sequence of ints) into a new array; on failure sets an exception and returns -1. */
+static int read_cuts(PyObject *obj, uint64_t **cuts, size_t *ncuts)
+{
+    *cuts = NULL;
+    *ncuts = 0;
+    if (!obj)
+        return 0;
+    PyObject *seq = PySequence_Fast(obj, "cuts must be a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *v = PyMem_Malloc((n ? (size_t)n : 1) * sizeof *v);
+    if (!v) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long c = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (c == -1 && PyErr_Occurred()) {
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "cut out of range: every cut must satisfy 0 < cut < len(data)");
+            }
+            goto fail;
+        }
+        if (c <= 0) {
+            PyErr_SetString(PyExc_ValueError, "cut out of range: every cut must satisfy 0 < cut < len(data)");
+            goto fail;
+        }
+        v[i] = (uint64_t)c;
+    }
+    Py_DECREF(seq);
+    *cuts = v;
+    *ncuts = (size_t)n;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(v);
+    return -1;
+}
+
+/* Checks sizes and thread count (0: one per online CPU); on failure sets ValueError, returns -1. */
+static int read_params(Py_ssize_t min, Py_ssize_t avg, Py_ssize_t max, int *threads, cdc_params *p)
+{
+    if (min <= 0 || avg <= 0 || max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "min_size, avg_size and max_size must be positive");
+        return -1;
+    }
+    *p = (cdc_params){(size_t)min, (size_t)avg, (size_t)max};
+    const char *err = cdc_check_params(p);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return -1;
+    }
+    if (*threads < 0) {
+        PyErr_SetString(PyExc_ValueError, "threads must be >= 0");
+        return -1;
+    }
+    if (*threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        *threads = n > 0 ? (int)n : 1;
+    }
+    return 0;
+}
+
+static PyObject *chunk_list(const cdc_chunks *v)
+{
+    PyObject *list = PyList_New((Py_ssize_t)v->n);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < v->n; i++) {
+        PyObject *t = Py_BuildValue("(KKy#)", (unsigned long long)v->v[i].off, (unsigned long long)v->v[i].len,
+                                    (const char *)v->v[i].id, (Py_ssize_t)32);
+        if (!t) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+static PyObject *set_errno(int e)
+{
+    if (e == -1)
+        return PyErr_Format(PyExc_RuntimeError, "sha256 through OpenSSL failed");
+    if (e == ENOMEM)
+        return PyErr_NoMemory();
+    errno = e;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static PyObject *py_blake3(PyObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    uint8_t out[BLAKE3_OUT_LEN];
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    blake3(buf.buf, (size_t)buf.len, out);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyBytes_FromStringAndSize((const char *)out, sizeof out);
+}
+
+static PyObject *py_chunk(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"data", "cuts", "min_size", "avg_size", "max_size", "threads", NULL};
+    PyObject *data, *cuts_obj = NULL, *result = NULL;
+    Py_ssize_t min = CDC_MIN_SIZE, avg = CDC_AVG_SIZE, max = CDC_MAX_SIZE;
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O$nnni:chunk", kwlist, &data, &cuts_obj, &min, &avg, &max,
+                                     &threads))
+        return NULL;
+    cdc_params p;
+    if (read_params(min, avg, max, &threads, &p) < 0)
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    uint64_t *cuts;
+    size_t ncuts;
+    if (read_cuts(cuts_obj, &cuts, &ncuts) < 0)
+        goto out;
+    const char *err = cdc_check_cuts(cuts, ncuts, (uint64_t)buf.len);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto out;
+    }
+    cdc_chunks chunks;
+    int e;
+    Py_BEGIN_ALLOW_THREADS
+    e = cdc_run(buf.buf, (uint64_t)buf.len, cuts, ncuts, &p, threads, -1, &chunks);
+    Py_END_ALLOW_THREADS
+    if (e)
+        set_errno(e);
+    else
+        result = chunk_list(&chunks);
+    free(chunks.v);
+out:
+    PyMem_Free(cuts);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+static PyObject *py_ingest(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"src_fd", "dst_fd", "cuts", "min_size", "avg_size", "max_size", "threads", NULL};
+    PyObject *cuts_obj = NULL, *result = NULL;
+    int src_fd, dst_fd, threads = 0;
+    Py_ssize_t min = CDC_MIN_SIZE, avg = CDC_AVG_SIZE, max = CDC_MAX_SIZE;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|O$nnni:ingest", kwlist, &src_fd, &dst_fd, &cuts_obj, &min,
+                                     &avg, &max, &threads))
+        return NULL;
+    if (dst_fd < -1) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    cdc_params p;
+    uint64_t *cuts;
+    size_t ncuts;
+    if (read_params(min, avg, max, &threads, &p) < 0 || read_cuts(cuts_obj, &cuts, &ncuts) < 0)
+        return NULL;
+    ingest_src src;
+    int e;
+    Py_BEGIN_ALLOW_THREADS
+    e = ingest_map(src_fd, &src);
+    Py_END_ALLOW_THREADS
+    if (e) {
+        set_errno(e);
+        PyMem_Free(cuts);
+        return NULL;
+    }
+    const char *err = cdc_check_cuts(cuts, ncuts, src.size);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto out;
+    }
+    uint8_t digest[32];
+    cdc_chunks chunks;
+    Py_BEGIN_ALLOW_THREADS
+    e = ingest_run(&src, dst_fd, cuts, ncuts, &p, threads, digest, &chunks);
+    Py_END_ALLOW_THREADS
+    if (e) {
+        set_errno(e);
+        goto out;
+    }
+    PyObject *list = chunk_list(&chunks);
+    free(chunks.v);
+    if (list)
+        result = Py_BuildValue("(y#N)", (const char *)digest, (Py_ssize_t)32, list);
+out:
+    Py_BEGIN_ALLOW_THREADS
+    ingest_unmap(&src);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(cuts);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"blake3", py_blake3, METH_O, "blake3(data) -> bytes: the 32-byte BLAKE3 hash of data."},
+    {"chunk", (PyCFunction)(void (*)(void))py_chunk, METH_VARARGS | METH_KEYWORDS,
+     "chunk(data, cuts=(), *, min_size, avg_size, max_size, threads=0) -> [(offset, length, blake3)]"},
+    {"ingest", (PyCFunction)(void (*)(void))py_ingest, METH_VARARGS | METH_KEYWORDS,
+     "ingest(src_fd, dst_fd, cuts=(), *, min_size, avg_size, max_size, threads=0) -> (sha256, chunks)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "clowderd._native",
+    "FastCDC chunking, BLAKE3 and sha256 ingest in C; see native/README.md.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    blake3_init();
+    cdc_init();
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MIN_SIZE", CDC_MIN_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "AVG_SIZE", CDC_AVG_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SIZE", CDC_MAX_SIZE) < 0 ||
+        PyModule_AddStringConstant(m, "BLAKE3_KERNEL", blake3_kernel()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

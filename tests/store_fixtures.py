@@ -1,0 +1,18 @@
+"""Fixtures for tests of the content store and of building aimages."""
+import pytest
+
+from clowderd.store.content import ContentStore
+from tests import modelgen
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ContentStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random-weight tiny llama in Hugging Face layout (about 200 KB); treat it as read-only."""
+    return modelgen.write_llama(tmp_path_factory.mktemp("models") / "tiny-llama", **modelgen.TINY)

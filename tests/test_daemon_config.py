@@ -1,0 +1,182 @@
+"""Settings: file, flags, and the one-line errors that stop clowderd before it starts."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from clowderd.config import Address, ConfigError, build_config, parse_address
+from tests.clowderd_proc import REPO_ROOT, to_toml
+
+# ---- in-process: parsing and validation ----
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults():
+    cfg = build_config(None, {})
+    assert cfg.roles == ("controller", "storage", "worker", "lb")
+    assert cfg.data_dir == "/var/lib/clowder"
+    assert cfg.shutdown_grace_seconds == 10
+    assert [str(cfg.role[r].listen) for r in cfg.roles] == [
+        "127.0.0.1:7070", "127.0.0.1:7071", "127.0.0.1:7072", "127.0.0.1:7073"]
+    assert cfg.role["worker"].controller is None  # the local controller
+    assert (cfg.log_level, cfg.log_format) == ("info", "json")
+
+
+def test_flags_override_file(tmp_path):
+    path = write(tmp_path, 'roles = ["storage"]\nnode_name = "a"\n'
+                           '[storage]\nlisten = "0.0.0.0:9000"\n')
+    cfg = build_config(path, {"node_name": "b", "storage.listen": "[::1]:9001"})
+    assert cfg.roles == ("storage",)
+    assert cfg.node_name == "b"
+    assert cfg.role["storage"].listen == Address("::1", 9001)
+    assert str(cfg.role["storage"].listen) == "[::1]:9001"
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("bogus = 1\n", "unknown key 'bogus'"),
+    ("[storage]\nlisten = \"127.0.0.1:1\"\nport = 3\n", "unknown key 'storage.port'"),
+    ("[nope]\n", "unknown key 'nope'"),
+    ("storage = 3\n", "storage: expected a table"),
+    ("roles = [\"gpu\"]\n", "roles: unknown role 'gpu'"),
+    ("roles = \"storage\"\n", "roles"),  # a string is accepted as a comma list
+    ("roles = []\n", "roles: no roles"),
+    ("shutdown_grace_seconds = \"10\"\n", "shutdown_grace_seconds: expected a number"),
+    ("shutdown_grace_seconds = true\n", "shutdown_grace_seconds: expected a number"),
+    ("[log]\nlevel = \"loud\"\n", "log.level: 'loud' is not one of"),
+    ("[controller]\nlisten = \"localhost\"\n", "controller.listen: 'localhost' is not HOST:PORT"),
+    ("[controller]\nlisten = \"1.2.3.4:70000\"\n", "out of range"),
+    ("[controller]\nlisten = 7070\n", "controller.listen: expected a string"),
+    ("[worker]\ncontroller = \"h:0\"\n", "worker.controller: port 0"),
+    ("[storage]\nlisten = \"127.0.0.1:7070\"\n", "also the listen address of controller"),
+    ("node_name = \"bad name\"\n", "node_name: 'bad name' is not a valid node name"),
+    ("x = \n", "invalid TOML"),
+])
+def test_file_errors_name_file_and_key(tmp_path, text, expect):
+    path = write(tmp_path, text)
+    if text.startswith('roles = "storage"'):
+        assert build_config(path, {}).roles == ("storage",)
+        return
+    with pytest.raises(ConfigError) as ei:
+        build_config(path, {})
+    msg = str(ei.value)
+    assert msg.startswith(path + ": "), msg
+    assert expect in msg
+    assert "\n" not in msg
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"^--lb-listen: 'x' is not HOST:PORT"):
+        build_config(None, {"lb.listen": "x"})
+    with pytest.raises(ConfigError, match=r"^--roles: unknown role 'db'"):
+        build_config(None, {"roles": "storage,db"})
+
+
+def test_worker_without_controller_needs_its_address(tmp_path):
+    path = write(tmp_path, 'roles = ["worker"]\n')
+    with pytest.raises(ConfigError, match="worker.controller: required"):
+        build_config(path, {})
+    path2 = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n')
+    assert build_config(path2, {}).role["worker"].controller == Address("ctl.example", 7070)
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("0.0.0.0:1", True), ("[::]:7070", True), ("host-1.example.com:80", True),
+    ("[::1]:0", True), ("::1:80", False), ("1.2.3:80", False), ("h:", False), ("[x]:1", False),
+    (":80", False), ("h:80:1", False),
+])
+def test_parse_address(value, ok):
+    if ok:
+        parse_address(value, "k", allow_port_zero=True)
+    else:
+        with pytest.raises(ConfigError):
+            parse_address(value, "k", allow_port_zero=True)
+
+
+# ---- the real program ----
+
+
+def run_clowderd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clowderd.main", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_config_key_exits_2_naming_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml({"data_dir": str(tmp_path / "d"), "storage": {"lissen": "x"}}))
+    r = run_clowderd("--config", str(path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(path) in lines[0] and "storage.lissen" in lines[0]
+    assert not (tmp_path / "d").exists(), "nothing may be started or created"
+
+
+def test_bad_flag_exits_2():
+    r = run_clowderd("--roles", "storage,gpu")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("clowderd: error: --roles: unknown role 'gpu'; choose from "
+                                "controller, storage, worker, lb")
+
+
+def test_port_in_use_exits_2_naming_the_address(clowderd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = f"127.0.0.1:{s.getsockname()[1]}"
+        proc = clowderd(roles=("controller", "storage"), config_extra={"storage": {"listen": busy}},
+                        wait=False)
+        assert proc.wait() == 2, proc.stderr_text()
+    err = proc.stderr_text()
+    assert busy in err and "already in use" in err and "storage.listen" in err
+    assert not [r for r in proc.log_records() if r["msg"] == "serving"], "nothing may serve"
+
+
+def test_second_clowderd_on_same_data_dir_exits_2(clowderd):
+    first = clowderd(roles=("storage",))
+    second = clowderd(roles=("storage",), config_extra={"data_dir": str(first.data_dir)},
+                      wait=False)
+    assert second.wait() == 2, second.stderr_text()
+    err = second.stderr_text()
+    assert "in use by another clowderd" in err and f"pid {first.pid}" in err
+    assert str(first.data_dir) in err
+    assert first.returncode is None  # the first one is unaffected
+    assert first.stop() == 0
+
+
+def test_data_dir_created_0750(clowderd, tmp_path):
+    data = tmp_path / "new" / "data"
+    proc = clowderd(roles=("storage",), config_extra={"data_dir": str(data)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert data.stat().st_mode & 0o777 == 0o750 & ~umask
+    assert (data / "clowderd.lock").read_text().strip() == str(proc.pid)
+    assert proc.stop() == 0
+
+
+def test_controller_flag_sets_worker_and_lb_controller():
+    cfg = build_config(None, {"roles": "worker,lb", "worker.controller": "c:1",
+                              "lb.controller": "c:1"},
+                       {"worker.controller": "--controller", "lb.controller": "--controller"})
+    assert cfg.role["worker"].controller == cfg.role["lb"].controller == Address("c", 1)
+    with pytest.raises(ConfigError, match=r"^--controller: 'c' is not HOST:PORT"):
+        build_config(None, {"worker.controller": "c"}, {"worker.controller": "--controller"})
+
+
+def test_flags_override_the_file_in_the_real_program(clowderd):
+    from clowder.v1 import node_pb2, node_pb2_grpc
+
+    proc = clowderd(roles=("storage",), args=("--node-name", "from-flag", "--log-format", "text"))
+    info = node_pb2_grpc.NodeStub(proc.channel("storage")).GetInfo(node_pb2.GetInfoRequest(),
+                                                                    timeout=5)
+    assert info.node_name == "from-flag"
+    assert proc.stop() == 0
+    assert "serving role=storage" in proc.stderr_text()

@@ -1,0 +1,147 @@
+"""clowderd._native.chunk: FastCDC with forced cuts, BLAKE3 ids, identical for any thread count."""
+import os
+import random
+
+import blake3 as reference
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from clowderd import _native
+
+SMALL = dict(min_size=256, avg_size=1024, max_size=4096)  # many chunks from little data
+
+
+def bf16_like(n_bytes, seed=0):
+    """Bytes that look like model weights: normal floats truncated to bf16 bit patterns."""
+    x = np.random.default_rng(seed).standard_normal(n_bytes // 2, dtype=np.float32)
+    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+def assert_well_formed(data, chunks, cuts=(), min_size=_native.MIN_SIZE, max_size=_native.MAX_SIZE):
+    ends = set(cuts) | {len(data)}
+    pos = 0
+    for off, length, cid in chunks:
+        assert off == pos and length > 0
+        assert length <= max_size
+        end = off + length
+        # Only the last chunk of a segment may be shorter than min_size.
+        if length < min_size:
+            assert end in ends
+        assert cid == reference.blake3(data[off:end]).digest()
+        pos = end
+    assert pos == len(data)
+
+
+def test_defaults_are_xet_sizes():
+    assert (_native.MIN_SIZE, _native.AVG_SIZE, _native.MAX_SIZE) == (8 << 10, 64 << 10, 128 << 10)
+
+
+def test_chunks_reassemble_input_with_sizes_in_bounds_and_blake3_ids():
+    data = bf16_like(8 << 20)
+    chunks = _native.chunk(data)
+    assert_well_formed(data, chunks)
+    sizes = [c[1] for c in chunks[:-1]]
+    assert 32 << 10 < sum(sizes) / len(sizes) < 128 << 10  # normalized chunking centres near avg
+
+
+def test_empty_input_has_no_chunks():
+    assert _native.chunk(b"") == []
+
+
+def test_input_shorter_than_min_is_one_chunk():
+    data = os.urandom(5000)
+    assert _native.chunk(data) == [(0, 5000, reference.blake3(data).digest())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=40000), st.data())
+def test_forced_cuts_are_boundaries_and_chunks_cover_input(data, draw):
+    cuts = sorted(draw.draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=8))) if len(data) > 1 else []
+    chunks = _native.chunk(data, cuts, **SMALL)
+    assert_well_formed(data, chunks, cuts, SMALL["min_size"], SMALL["max_size"])
+    starts = {c[0] for c in chunks}
+    assert all(c in starts for c in cuts)
+
+
+def test_insertion_near_start_changes_only_nearby_chunks():
+    data = bf16_like(4 << 20, seed=3)
+    edited = data[:1000] + b"inserted!" + data[1000:]
+    before, after = _native.chunk(data), _native.chunk(edited)
+    tail_before = {(off + 9, length, cid) for off, length, cid in before[3:]}
+    tail_after = set(after)
+    assert len(tail_before - tail_after) == 0
+    assert len(after) - len(tail_before & tail_after) <= 4
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threads_give_identical_chunks(threads):
+    data = bf16_like(8 << 20, seed=1)
+    cuts = sorted(random.Random(1).sample(range(1, len(data)), 40))
+    assert _native.chunk(data, threads=threads) == _native.chunk(data, threads=1)
+    assert _native.chunk(data, cuts, threads=threads) == _native.chunk(data, cuts, threads=1)
+
+
+def test_threads_agree_on_data_that_never_resyncs():
+    # All-zero data never matches a mask: every chunk is max_size, so chunking from a split point
+    # never meets the serial boundaries and the earlier thread has to carry on to the end.
+    data = bytes(6 << 20) + os.urandom(1 << 20) + bytes(3 << 20)
+    ref = _native.chunk(data, threads=1)
+    assert_well_formed(data, ref)
+    for threads in (2, 3, 8):
+        assert _native.chunk(data, threads=threads) == ref
+
+
+def test_threads_agree_with_long_segments_and_small_sizes():
+    data = bf16_like(4 << 20, seed=2)
+    cuts = [7, 1 << 20, (1 << 20) + 1, 3 << 20]  # one tiny segment, several long ones
+    ref = _native.chunk(data, cuts, threads=1, **SMALL)
+    assert_well_formed(data, ref, cuts, SMALL["min_size"], SMALL["max_size"])
+    for threads in (2, 3, 8):
+        assert _native.chunk(data, cuts, threads=threads, **SMALL) == ref
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1 << 16, 1 << 20), st.integers(1, 9))
+def test_threads_identical_for_random_data_and_cuts(seed, size, threads):
+    rnd = random.Random(seed)
+    data = rnd.randbytes(size)
+    cuts = sorted(rnd.sample(range(1, size), rnd.randrange(0, 6)))
+    assert _native.chunk(data, cuts, threads=threads, **SMALL) == _native.chunk(data, cuts, threads=1, **SMALL)
+
+
+def test_chunk_accepts_bytearray_and_memoryview():
+    data = bf16_like(1 << 20)
+    ref = _native.chunk(data)
+    assert _native.chunk(bytearray(data)) == ref
+    assert _native.chunk(memoryview(data)) == ref
+
+
+@pytest.mark.parametrize("cuts, message", [
+    ([5, 3], "increasing"),
+    ([3, 3], "increasing"),
+    ([0], "out of range"),
+    ([-1], "out of range"),
+    ([100], "out of range"),
+    ([2**70], "out of range"),
+])
+def test_bad_cuts_raise_value_error(cuts, message):
+    with pytest.raises(ValueError, match=message):
+        _native.chunk(bytes(100), cuts)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(avg_size=65535), "power of two"),
+    (dict(min_size=1 << 17), "min_size <= avg_size <= max_size"),
+    (dict(max_size=1 << 15), "min_size <= avg_size <= max_size"),
+    (dict(min_size=0), "positive"),
+    (dict(min_size=8), "at least 64"),
+])
+def test_bad_sizes_raise_value_error(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _native.chunk(bytes(100), **sizes)
+
+
+def test_negative_threads_raise_value_error():
+    with pytest.raises(ValueError, match="threads"):
+        _native.chunk(bytes(100), threads=-1)
