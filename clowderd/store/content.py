@@ -249,7 +249,6 @@ class ContentStore:
                     sha, chunks = native.ingest(src_fd, dst_fd, cuts)
                 except OSError as exc:
                     raise self._write_error(exc, src) from exc
-                os.fsync(dst_fd)
             finally:
                 os.close(dst_fd)
             digest = "sha256:" + sha.hex()
@@ -321,6 +320,14 @@ class ContentStore:
     def _commit_file(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
         hexpart = parse_digest(digest)
         final = self.blob_dir / hexpart
+        # Only a blob kept whole needs its temp file on disk; a chunked one keeps just a pack.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise self._write_error(exc, None) from exc
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o444)
         os.replace(tmp, final)
         _fsync_dir(self.blob_dir)
