@@ -65,9 +65,9 @@ def _run_build(ctx: StoreContext, cf, tag: str, quiet: bool) -> BuildResult:
 
         def progress(event: str, filepath: str, size: int) -> None:
             if event == "start":
-                tasks[filepath] = bar.add_task(filepath, total=size)
+                tasks[filepath] = bar.add_task(filepath, total=size or None)
             else:
-                bar.update(tasks[filepath], completed=size)
+                bar.update(tasks[filepath], total=size or 1, completed=size or 1)
 
         return build(ctx.store, cf, tag, progress)
 

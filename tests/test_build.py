@@ -105,3 +105,10 @@ def test_a_missing_config_json_is_named(store, tiny_llama, tmp_path):
 def test_a_missing_base_image_is_named(store, tmp_path):
     with pytest.raises(NotFound, match="nothere"):
         build(store, clowderfile(tmp_path, "base: nothere:v1\n"), "tiny:x")
+
+
+def test_a_clowderfile_inside_the_model_directory_is_not_packed(store, tiny_llama, tmp_path):
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    result = build(store, clowderfile(model, "base: .\n"), "tiny:here")
+    assert "Clowderfile" not in {layer.descriptor.filepath for layer in result.layers}
+    assert len(result.layers) == 3

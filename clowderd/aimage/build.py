@@ -26,7 +26,7 @@ from clowderd.errors import InvalidInput
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex, normalize_name
 
-# progress(event, filepath, size): event is 'start' or 'done'.
+# progress(event, what, size): event is 'start' or 'done'; size 0 when unknown.
 Progress = Callable[[str, str, int], None]
 
 
@@ -60,7 +60,7 @@ def build(store: ContentStore, cf: Clowderfile, name: str, progress: Progress = 
     name = normalize_name(name)
     index = ImageIndex(store)
     with store.shared_lock(), tempfile.TemporaryDirectory(dir=store.tmp_dir, prefix="build-") as scratch:
-        base_files, inherited, base_config = _resolve_base(store, index, cf, Path(scratch))
+        base_files, inherited, base_config = _resolve_base(store, index, cf, Path(scratch), progress)
         adapters = [scan_adapter_dir(a.path, a.name) for a in cf.adapters]
         inherited_names = {d.annotations.get(mt.ANNOTATION_EP_NAME) for d in inherited if d.media_type in mt.EP_LAYER_TYPES}
         for adapter in adapters:
@@ -68,7 +68,7 @@ def build(store: ContentStore, cf: Clowderfile, name: str, progress: Progress = 
                 raise InvalidInput(f"{cf.path}: adapters: {adapter.name!r} is already an EP layer of the base image")
             check_adapter_matches_base(adapter, [f.file for f in base_files])
         config = cf.config if (cf.config_given or base_config is None) else base_config
-        to_ingest = [f.file for f in base_files if not f.digest] + [f for a in adapters for f in a.files]
+        to_ingest = [f.file for f in base_files if not (f.digest or f.owned)] + [f for a in adapters for f in a.files]
         store.check_free_space(sum(f.size for f in to_ingest), f"the files of {name}")
 
         result = BuildResult(name, "")
@@ -76,7 +76,7 @@ def build(store: ContentStore, cf: Clowderfile, name: str, progress: Progress = 
         for f in base_files:
             if f.digest:
                 continue
-            layer = _ingest(store, f.file, f.file.relpath, {}, progress)
+            layer = _ingest(store, f.file, f.file.relpath, {}, progress, move=f.owned)
             result.layers.append(layer)
             model_layers.append(layer.descriptor)
         base_id = model_digest(model_layers)
@@ -102,9 +102,10 @@ class _BaseFile:
 
     file: ModelFile
     digest: str = ""
+    owned: bool = False  # written by this build (a GGUF conversion): moved into the store, not copied
 
 
-def _resolve_base(store: ContentStore, index: ImageIndex, cf: Clowderfile, scratch: Path):
+def _resolve_base(store: ContentStore, index: ImageIndex, cf: Clowderfile, scratch: Path, progress: Progress):
     """The base's model files as ModelFile (for adapter checks), the descriptors inherited from a
     base image, and the base image's configuration (None for a directory or GGUF base)."""
     kind, value = cf.base.kind, cf.base.value
@@ -113,8 +114,11 @@ def _resolve_base(store: ContentStore, index: ImageIndex, cf: Clowderfile, scrat
     if kind == "gguf":
         from clowderd.aimage.gguf import convert_gguf
 
+        shown = f"converting {value.name}"
+        progress("start", shown, 0)
         converted = convert_gguf(value, scratch / "model")
-        return [_BaseFile(f) for f in scan_model_dir(converted)], [], None
+        progress("done", shown, 0)
+        return [_BaseFile(f, owned=True) for f in scan_model_dir(converted)], [], None
     manifest_digest = index.resolve(str(value))
     manifest = parse_manifest(index.manifest_bytes(manifest_digest), f"image {value}")
     files = []
@@ -125,10 +129,11 @@ def _resolve_base(store: ContentStore, index: ImageIndex, cf: Clowderfile, scrat
     return files, list(manifest.layers), config
 
 
-def _ingest(store: ContentStore, f: ModelFile, shown: str, annotations: dict, progress: Progress, filepath: str | None = None) -> LayerResult:
+def _ingest(store: ContentStore, f: ModelFile, shown: str, annotations: dict, progress: Progress,
+            filepath: str | None = None, move: bool = False) -> LayerResult:
     progress("start", shown, f.size)
     cuts = tensor_boundaries(read_header(f.abspath)) if f.relpath.endswith(".safetensors") else ()
-    res = store.ingest_file(f.abspath, cuts)
+    res = store.ingest_temp_file(f.abspath, cuts) if move else store.ingest_file(f.abspath, cuts)
     progress("done", shown, f.size)
     ann = {mt.ANNOTATION_FILEPATH: filepath or f.relpath, **annotations}
     return LayerResult(Descriptor(f.media_type, res.info.digest, res.info.size, ann), res.new, res.stored_bytes)

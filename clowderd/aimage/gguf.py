@@ -137,6 +137,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "bfloat16") -> 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # callers show their own progress
     torch_dtype = getattr(torch, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"

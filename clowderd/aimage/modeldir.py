@@ -24,6 +24,7 @@ DOC_PREFIXES = ("readme", "license", "licence", "notice", "copying", "use_policy
 DOC_SUFFIXES = frozenset({".md", ".txt", ".rst", ".json", ".yaml", ".yml", ".cff", ".pdf",
                           ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"})
 INDEX_SUFFIX = ".safetensors.index.json"
+CLOWDERFILE = "Clowderfile"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ def scan_model_dir(path: Path) -> list[ModelFile]:
     root = Path(path)
     if not root.is_dir():
         raise InvalidInput(f"{root}: not a directory")
-    files = [_model_file(root, relpath) for relpath in list_files(root)]
+    # A Clowderfile kept beside the model (`base: .`) is the recipe, not part of the model.
+    files = [_model_file(root, relpath) for relpath in list_files(root) if relpath != CLOWDERFILE]
     by_path = {f.relpath: f for f in files}
     if "config.json" not in by_path:
         raise InvalidInput(f"{root}: config.json is missing (a model directory has the Hugging Face layout)")

@@ -227,37 +227,58 @@ class ContentStore:
 
     # -- Ingester --------------------------------------------------------------------------
     def ingest_file(self, src: Path, cuts: Sequence[int] = (), expected_digest: str | None = None) -> IngestResult:
-        """Store the file at src. cuts are offsets forced to be chunk boundaries (tensor
+        """Store a copy of the file at src. cuts are offsets forced to be chunk boundaries (tensor
         boundaries of a safetensors file). Raises DigestMismatch when expected_digest is given
         and the content does not match; the store is then unchanged."""
         src = Path(src)
         with self.shared_lock():
-            return self._ingest_file(src, cuts, expected_digest)
+            return self._ingest_file(src, cuts, expected_digest, move=False)
 
-    def _ingest_file(self, src: Path, cuts: Sequence[int], expected_digest: str | None) -> IngestResult:
+    def ingest_temp_file(self, path: Path, cuts: Sequence[int] = (), expected_digest: str | None = None) -> IngestResult:
+        """Store a file that the store itself wrote under tmp_dir (an upload, a conversion, an
+        assembled pull) by moving it in rather than copying it: no second copy on disk. The
+        file is consumed whether or not the ingest succeeds."""
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.tmp_dir.resolve()):
+            raise InvalidInput(f"{path}: only files under {self.tmp_dir} can be moved into the store")
+        with self.shared_lock():
+            try:
+                return self._ingest_file(path, cuts, expected_digest, move=True)
+            finally:
+                path.unlink(missing_ok=True)
+
+    def temp_file(self, suffix: str) -> Path:
+        """A fresh path under tmp_dir for a file to be handed to ingest_temp_file."""
+        return self._temp_path(suffix)
+
+    def _ingest_file(self, src: Path, cuts: Sequence[int], expected_digest: str | None, move: bool) -> IngestResult:
         try:
             src_fd = os.open(src, os.O_RDONLY)
         except OSError as exc:
             raise InvalidInput(f"{src}: {exc.strerror}") from exc
-        tmp = self._temp_path("ingest")
+        tmp = src if move else self._temp_path("ingest")
         try:
             size = os.fstat(src_fd).st_size
-            self.check_free_space(size, str(src))
-            dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
+            if move:
+                sha, chunks = native.ingest(src_fd, -1, cuts)
+            else:
+                self.check_free_space(size, str(src))
+                dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    sha, chunks = native.ingest(src_fd, dst_fd, cuts)
-                except OSError as exc:
-                    raise self._write_error(exc, src) from exc
-            finally:
-                os.close(dst_fd)
+                    try:
+                        sha, chunks = native.ingest(src_fd, dst_fd, cuts)
+                    except OSError as exc:
+                        raise self._write_error(exc, src) from exc
+                finally:
+                    os.close(dst_fd)
             digest = "sha256:" + sha.hex()
             if expected_digest is not None and digest != expected_digest:
                 raise DigestMismatch(f"{src}: content has digest {digest}, expected {expected_digest}")
             return self._commit(tmp, digest, size, chunks)
         finally:
             os.close(src_fd)
-            tmp.unlink(missing_ok=True)
+            if not move:
+                tmp.unlink(missing_ok=True)
 
     def ingest_bytes(self, data: bytes, expected_digest: str | None = None) -> IngestResult:
         """Store a small blob given in memory (a manifest, a configuration)."""
@@ -276,8 +297,6 @@ class ContentStore:
             try:
                 with open(tmp, "xb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
             except OSError as exc:
                 raise self._write_error(exc, None) from exc
             return self._commit(tmp, digest, len(data), native.chunk(data))

@@ -140,7 +140,11 @@ def _remove_unreferenced_files(store: ContentStore, report: GcReport) -> None:
         if path.stem not in keep_packs:
             unlink(path)
     for path in store.tmp_dir.iterdir():
-        unlink(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            report.files_removed.append(str(path.relative_to(store.root)))
+        else:
+            unlink(path)
     for path in store.view_dir.iterdir():
         if path.name not in keep_views:
             shutil.rmtree(path, ignore_errors=True)
