@@ -113,8 +113,9 @@ class ContentStore:
         self.blob_dir = self.root / "blobs" / "sha256"
         self.pack_dir = self.root / "packs"
         self.tmp_dir = self.root / "tmp"
+        self.partial_dir = self.root / "partial"  # transfers that resume after a restart
         self.view_dir = self.root / "views"
-        for d in (self.blob_dir, self.pack_dir, self.tmp_dir, self.view_dir):
+        for d in (self.blob_dir, self.pack_dir, self.tmp_dir, self.partial_dir, self.view_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / "lock"
         self._lock_path.touch(exist_ok=True)
@@ -235,12 +236,12 @@ class ContentStore:
             return self._ingest_file(src, cuts, expected_digest, move=False)
 
     def ingest_temp_file(self, path: Path, cuts: Sequence[int] = (), expected_digest: str | None = None) -> IngestResult:
-        """Store a file that the store itself wrote under tmp_dir (an upload, a conversion, an
-        assembled pull) by moving it in rather than copying it: no second copy on disk. The
-        file is consumed whether or not the ingest succeeds."""
+        """Store a file that the store itself wrote under tmp_dir or partial_dir (an upload, a
+        conversion, an assembled pull) by moving it in rather than copying it: no second copy on
+        disk. The file is consumed whether or not the ingest succeeds."""
         path = Path(path)
-        if not path.resolve().is_relative_to(self.tmp_dir.resolve()):
-            raise InvalidInput(f"{path}: only files under {self.tmp_dir} can be moved into the store")
+        if not any(path.resolve().is_relative_to(d.resolve()) for d in (self.tmp_dir, self.partial_dir)):
+            raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
         with self.shared_lock():
             try:
                 return self._ingest_file(path, cuts, expected_digest, move=True)

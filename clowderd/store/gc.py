@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from clowderd.store.content import ContentStore, unpack_chunk_index
 
 # A pack whose live chunks fill less than this share of it is rewritten.
 REPACK_BELOW_LIVE_SHARE = 0.5
+
+# Partial transfers untouched for this long are abandoned; younger ones wait to be resumed.
+PARTIAL_MAX_AGE_SECONDS = 7 * 24 * 3600
 
 
 @dataclass
@@ -145,6 +149,13 @@ def _remove_unreferenced_files(store: ContentStore, report: GcReport) -> None:
             report.files_removed.append(str(path.relative_to(store.root)))
         else:
             unlink(path)
+    for path in store.partial_dir.iterdir():
+        if time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_SECONDS:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                report.files_removed.append(str(path.relative_to(store.root)))
+            else:
+                unlink(path)
     for path in store.view_dir.iterdir():
         if path.name not in keep_views:
             shutil.rmtree(path, ignore_errors=True)
