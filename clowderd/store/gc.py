@@ -132,31 +132,22 @@ def _remove_unreferenced_files(store: ContentStore, report: GcReport) -> None:
     keep_packs = {r[0].split(":", 1)[1] for r in db.execute("SELECT DISTINCT location FROM chunks WHERE location LIKE 'pack:%'")}
     keep_views = {r[0] for r in db.execute("SELECT name FROM views")}
 
-    def unlink(path: Path) -> None:
-        report.bytes_freed += path.stat().st_size
-        path.unlink()
+    def remove(path: Path) -> None:
+        """Remove a file or a whole directory, counting the bytes that go with it: those of files
+        with no other hard link (a view's files are links to blobs)."""
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        report.bytes_freed += sum(st.st_size for st in map(os.stat, files) if st.st_nlink == 1)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         report.files_removed.append(str(path.relative_to(store.root)))
 
-    for path in store.blob_dir.iterdir():
-        if path.name not in keep_blobs:
-            unlink(path)
-    for path in store.pack_dir.glob("*.pack"):
-        if path.stem not in keep_packs:
-            unlink(path)
-    for path in store.tmp_dir.iterdir():
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            report.files_removed.append(str(path.relative_to(store.root)))
-        else:
-            unlink(path)
-    for path in store.partial_dir.iterdir():
-        if time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_SECONDS:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                report.files_removed.append(str(path.relative_to(store.root)))
-            else:
-                unlink(path)
-    for path in store.view_dir.iterdir():
-        if path.name not in keep_views:
-            shutil.rmtree(path, ignore_errors=True)
-            report.files_removed.append(str(path.relative_to(store.root)))
+    now = time.time()
+    doomed = [p for p in store.blob_dir.iterdir() if p.name not in keep_blobs]
+    doomed += [p for p in store.pack_dir.glob("*.pack") if p.stem not in keep_packs]
+    doomed += list(store.tmp_dir.iterdir())
+    doomed += [p for p in store.partial_dir.iterdir() if now - p.stat().st_mtime > PARTIAL_MAX_AGE_SECONDS]
+    doomed += [p for p in store.view_dir.iterdir() if p.name not in keep_views]
+    for path in doomed:
+        remove(path)
