@@ -132,3 +132,10 @@ def test_a_full_disk_at_commit_leaves_no_blob(tiny_fs, tmp_path):
         store.ingest_file(write(tmp_path / "exact", os.urandom(free)))
     assert store_files(store) == before and store.usage().blob_count == 1
     store.close()
+
+
+def test_a_store_that_cannot_be_created_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match=f"cannot use the store at {blocker}/store"):
+        ContentStore(blocker / "store")

@@ -115,10 +115,14 @@ class ContentStore:
         self.tmp_dir = self.root / "tmp"
         self.partial_dir = self.root / "partial"  # transfers that resume after a restart
         self.view_dir = self.root / "views"
-        for d in (self.blob_dir, self.pack_dir, self.tmp_dir, self.partial_dir, self.view_dir):
-            d.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / "lock"
-        self._lock_path.touch(exist_ok=True)
+        try:
+            for d in (self.blob_dir, self.pack_dir, self.tmp_dir, self.partial_dir, self.view_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._lock_path.touch(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot use the store at {self.root}: {exc.strerror} "
+                             "(run as the user clowderd runs as, or choose another --data-dir)") from exc
         try:
             self.db = db.connect(self.root / "index.db")
         except sqlite3.Error as exc:
