@@ -139,3 +139,13 @@ def test_a_store_that_cannot_be_created_is_named(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match=f"cannot use the store at {blocker}/store"):
         ContentStore(blocker / "store")
+
+
+def test_threads_can_ingest_into_one_store_at_once(store, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = [write(tmp_path / f"f{i}", os.urandom(2_000_000)) for i in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(store.ingest_file, sources))
+    assert {r.info.digest for r in results} == {sha256_digest(p.read_bytes()) for p in sources}
+    assert store.usage().blob_count == 6

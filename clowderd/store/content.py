@@ -23,6 +23,7 @@ import os
 import secrets
 import sqlite3
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +124,28 @@ class ContentStore:
         except OSError as exc:
             raise StoreError(f"cannot use the store at {self.root}: {exc.strerror} "
                              "(run as the user clowderd runs as, or choose another --data-dir)") from exc
-        try:
-            self.db = db.connect(self.root / "index.db")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the store index {self.root / 'index.db'}: {exc}") from exc
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self.db.execute("SELECT 1")  # open (and create) the index now, so a bad store fails here
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection to the index: a transaction never spans two threads."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = db.connect(self.root / "index.db")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the store index {self.root / 'index.db'}: {exc}") from exc
+            self._local.conn = conn
+            self._connections.append(conn)
+        return conn
 
     def close(self) -> None:
-        self.db.close()
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+        self._local = threading.local()
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -46,7 +46,10 @@ def normalize_name(name: str) -> str:
 class ImageIndex:
     def __init__(self, store: ContentStore):
         self.store = store
-        self.db = store.db
+
+    @property
+    def db(self):
+        return self.store.db
 
     def add_manifest(self, manifest: bytes, artifact_type: str) -> str:
         """Store a manifest whose referenced blobs are all present; returns its digest."""
