@@ -22,9 +22,15 @@ The file (TOML, read with tomllib)::
     listen = "127.0.0.1:7070"
     [storage]
     listen = "127.0.0.1:7071"
+    http_listen = "127.0.0.1:5000"   # OCI Distribution API; "" turns it off
+    tls_cert = "/etc/clowder/registry.crt"   # both or neither: HTTPS instead of HTTP
+    tls_key = "/etc/clowder/registry.key"
+    tokens_file = "/etc/clowder/registry-tokens.toml"   # without it the API is open to all
+    anonymous_read = false           # with tokens_file: may clients without a token read?
     [worker]
     listen = "127.0.0.1:7072"
     controller = "127.0.0.1:7070"
+    pull_from = "local-storage"      # or "any": also pull from remote OCI registries
     [lb]
     listen = "127.0.0.1:7073"
     controller = "127.0.0.1:7070"
@@ -63,6 +69,7 @@ DEFAULT_DATA_DIR = "/var/lib/clowder"
 DEFAULT_GRACE_SECONDS = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+PULL_FROM = ("local-storage", "any")
 
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -93,6 +100,19 @@ class RoleConfig:
     controller: Address | None = None
 
 
+# The storage role's OCI Distribution HTTP API (clowderd.storage.http).
+DEFAULT_HTTP_PORT = 5000
+
+
+@dataclass
+class RegistryHTTPConfig:
+    listen: Address | None  # None: the HTTP API is off
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tokens_file: str | None = None  # None: no authentication (every client may read and push)
+    anonymous_read: bool = False  # with tokens_file: whether clients without a token may read
+
+
 @dataclass
 class Config:
     data_dir: str = DEFAULT_DATA_DIR
@@ -103,6 +123,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"
     role: dict[str, RoleConfig] = field(default_factory=dict)
+    # Where the worker pulls aimages from: "local-storage" (only the storage node it is told to
+    # use, clowder://) or "any" (also remote OCI registries).
+    worker_pull_from: str = "local-storage"
+    registry_http: RegistryHTTPConfig = field(
+        default_factory=lambda: RegistryHTTPConfig(Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)))
     config_path: str | None = None
     # Dotted key -> where its value came from, for error messages: "FILE: key" or "--flag".
     sources: dict[str, str] = field(default_factory=dict)
@@ -169,8 +194,9 @@ _SCHEMA: dict[str, Any] = {
     "labels": "labels",
     "log": {"level": "level", "format": "format"},
     "controller": {"listen": "listen"},
-    "storage": {"listen": "listen"},
-    "worker": {"listen": "listen", "controller": "connect"},
+    "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
+                "tokens_file": "path", "anonymous_read": "bool"},
+    "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from"},
     "lb": {"listen": "listen", "controller": "connect"},
 }
 
@@ -303,14 +329,53 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
                               f"role in the same process (set [{role}] controller = \"HOST:PORT\" "
                               "or --controller HOST:PORT)")
 
+    cfg.registry_http = _registry_http(raw, w)
+    if "worker.pull_from" in raw:
+        v = raw["worker.pull_from"]
+        if v not in PULL_FROM:
+            raise ConfigError(f"{w('worker.pull_from')}: {v!r} is not one of {', '.join(PULL_FROM)}")
+        cfg.worker_pull_from = v
+
     seen: dict[Address, str] = {}
-    for role in cfg.roles:
-        a = cfg.role[role].listen
+    listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]
+    if "storage" in cfg.roles and cfg.registry_http.listen is not None:
+        listens.append(("storage.http_listen", cfg.registry_http.listen, "the storage HTTP API"))
+    for key, a, what in listens:
         if a.port != 0 and a in seen:
-            raise ConfigError(f"{w(role + '.listen')}: {a} is also the listen address of "
+            raise ConfigError(f"{w(key)}: {a} is also the listen address of "
                               f"{seen[a]}; each role needs its own port")
-        seen[a] = f"{role} ({cfg.where(role + '.listen')})"
+        seen[a] = f"{what} ({cfg.where(key)})"
     return cfg
+
+
+def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
+    """The [storage] keys of the OCI Distribution HTTP API."""
+    key = "storage.http_listen"
+    listen: Address | None = Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)
+    if key in raw:
+        v = raw[key]
+        listen = None if v == "" else parse_address(v, w(key), allow_port_zero=True)
+    paths: dict[str, str | None] = {}
+    for name in ("tls_cert", "tls_key", "tokens_file"):
+        k = f"storage.{name}"
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"{w(k)}: expected a non-empty path string, got {v!r}")
+        paths[name] = os.path.abspath(os.path.expanduser(v)) if v else None
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        given, missing = ("tls_cert", "tls_key") if paths["tls_cert"] else ("tls_key", "tls_cert")
+        raise ConfigError(f"{w('storage.' + given)}: set storage.{missing} too; TLS needs the certificate "
+                          "and its key")
+    anonymous_read = False
+    if "storage.anonymous_read" in raw:
+        v = raw["storage.anonymous_read"]
+        if not isinstance(v, bool):
+            raise ConfigError(f"{w('storage.anonymous_read')}: expected true or false, got {v!r}")
+        if not v and paths["tokens_file"] is None:
+            raise ConfigError(f"{w('storage.anonymous_read')}: false needs storage.tokens_file, else no "
+                              "client could read; without tokens_file the API is open to all")
+        anonymous_read = v
+    return RegistryHTTPConfig(listen, paths["tls_cert"], paths["tls_key"], paths["tokens_file"], anonymous_read)
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:
@@ -325,6 +390,10 @@ def as_dict(cfg: Config) -> dict[str, Any]:
         d[r] = {"listen": str(rc.listen)}
         if rc.controller:
             d[r]["controller"] = str(rc.controller)
+    if "storage" in cfg.roles:
+        h = cfg.registry_http
+        d["storage"].update({"http_listen": str(h.listen) if h.listen else "", "tls": h.tls_cert is not None,
+                             "tokens_file": h.tokens_file, "anonymous_read": h.anonymous_read})
     return d
 
 

@@ -114,3 +114,41 @@ def test_fsck_finds_a_corrupt_chunk_of_a_chunked_blob(store, tiny_llama, tmp_pat
     report = fsck.check(store)
     assert len(report.problems) == 1 and "corrupt" in report.problems[0].what
     assert report.problems[0].images == ["tiny:variant"]
+
+
+def _push(index, repository, tag=None):
+    """What the registry API does for a push: blobs linked into the repository, then the manifest."""
+    config = index.store.ingest_bytes(b'{"version": "clowder.aimage.config/v1"}').info
+    layer = index.store.ingest_bytes(os.urandom(5000)).info
+    for blob in (config, layer):
+        index.link_blob(repository, blob.digest)
+    manifest = (
+        '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+        f'"config":{{"mediaType":"application/vnd.clowder.aimage.config.v1+json","digest":"{config.digest}","size":{config.size}}},'
+        f'"layers":[{{"mediaType":"application/vnd.cncf.model.weight.v1.raw","digest":"{layer.digest}","size":{layer.size}}}]}}'
+    ).encode()
+    return index.add_repository_manifest(repository, manifest, "application/vnd.oci.image.manifest.v1+json",
+                                         "application/vnd.clowder.aimage.v1+json", [config.digest, layer.digest],
+                                         [], None, tag)
+
+
+def test_gc_keeps_manifests_pushed_by_digest_and_blobs_waiting_for_their_manifest(store, monkeypatch):
+    index = ImageIndex(store)
+    digest = _push(index, "team/model")  # no tag: pushed by digest, as referrers and index children are
+    waiting = store.ingest_bytes(b"uploaded before its manifest").info.digest
+    index.link_blob("team/model", waiting)
+    assert gc.collect(store).blobs_removed == 0
+    index.delete_repository_manifest("team/model", digest)
+    assert gc.collect(store).manifests_removed == 1 and store.exists(waiting)
+    monkeypatch.setattr(gc, "UPLOAD_GRACE_SECONDS", 0)
+    gc.collect(store)
+    assert store.usage().blob_count == 0
+
+
+def test_removing_the_last_name_of_a_pushed_manifest_lets_gc_free_it(store, monkeypatch):
+    monkeypatch.setattr(gc, "UPLOAD_GRACE_SECONDS", 0)
+    index = ImageIndex(store)
+    _push(index, "team/model", tag="v1")
+    index.untag("team/model:v1")
+    report = gc.collect(store)
+    assert report.manifests_removed == 1 and store.usage().blob_count == 0

@@ -1,13 +1,16 @@
-"""gRPC services of the storage role. Every method answers UNIMPLEMENTED (naming the method)
-until it is implemented: subclass the servicer here and override methods one by one."""
+"""gRPC services of the storage role: the Registry service (clowderd.storage.transfer) over the
+node's content store; its methods not yet implemented answer UNIMPLEMENTED, naming the method."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from clowder.v1 import registry_pb2, registry_pb2_grpc
-from clowderd.server import unimplemented_servicer
+from clowder.v1 import registry_pb2_grpc
+from clowderd.storage import http
+from clowderd.storage.transfer import RegistryServicer
+from clowderd.store.content import ContentStore
 
 if TYPE_CHECKING:
     from clowderd.server import Process
@@ -15,7 +18,11 @@ if TYPE_CHECKING:
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
     """Add the storage role's services to its server."""
-    registry_pb2_grpc.add_RegistryServicer_to_server(
-        unimplemented_servicer(registry_pb2_grpc.RegistryServicer, registry_pb2.DESCRIPTOR,
-                               "Registry"),
-        server)
+    store = ContentStore(Path(process.config.data_dir) / "store")
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(store), server)
+
+    async def close_store() -> None:
+        store.close()
+
+    process.on_shutdown(close_store, "close the Registry service's store")
+    http.start(process, store)  # the OCI Distribution HTTP API; stops (newest first) before the store closes

@@ -61,6 +61,23 @@ CREATE TABLE IF NOT EXISTS tags (
     manifest TEXT NOT NULL REFERENCES manifests (digest),
     updated  REAL NOT NULL
 );
+-- OCI repositories of the storage role's registry: the blobs pushed or mounted into each
+-- repository, and the manifests pushed into it (with the media type they were pushed as and the
+-- subject they refer to, for the referrers API). Tags of a repository are rows of `tags` named
+-- 'repository:tag'. Added in schema version 1 without a bump: old stores get the tables empty.
+CREATE TABLE IF NOT EXISTS repository_blobs (
+    repository TEXT NOT NULL,
+    blob       TEXT NOT NULL REFERENCES blobs (digest) ON DELETE CASCADE,
+    PRIMARY KEY (repository, blob)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS repository_manifests (
+    repository TEXT NOT NULL,
+    manifest   TEXT NOT NULL REFERENCES manifests (digest) ON DELETE CASCADE,
+    media_type TEXT NOT NULL,
+    subject    TEXT,
+    PRIMARY KEY (repository, manifest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repository_manifests_by_subject ON repository_manifests (subject);
 -- Model views handed to engines; each holds its manifest's blobs alive.
 CREATE TABLE IF NOT EXISTS views (
     name     TEXT PRIMARY KEY,

@@ -1,6 +1,8 @@
 """Garbage collection: remove what no name and no view references any more.
 
-Roots are tags and model views. A manifest is live if a root names it; a blob is live if a live
+Roots are tags, model views, manifests pushed into a registry repository (kept until deleted
+through the registry API, as a registry does), and blobs pushed in the last day (their manifest may
+still be on its way). A manifest is live if a root names it; a blob is live if a live
 manifest references it; a chunk is live if a live blob's chunk index lists it. A file that is to
 go but still holds live chunks (the whole file of a removed base whose chunks a fine-tune points
 into, or a mostly dead pack) first has those chunks copied into a new pack. Rows are committed
@@ -20,6 +22,9 @@ from clowderd.store.content import ContentStore, unpack_chunk_index
 # A pack whose live chunks fill less than this share of it is rewritten.
 REPACK_BELOW_LIVE_SHARE = 0.5
 
+# A blob pushed into a repository but not (yet) referenced by a manifest is kept this long.
+UPLOAD_GRACE_SECONDS = 24 * 3600
+
 # Partial transfers untouched for this long are abandoned; younger ones wait to be resumed.
 PARTIAL_MAX_AGE_SECONDS = 7 * 24 * 3600
 
@@ -36,8 +41,12 @@ class GcReport:
 
 def _live_sets(store: ContentStore) -> tuple[set[str], set[str]]:
     db = store.db
-    manifests = {r[0] for r in db.execute("SELECT manifest FROM tags UNION SELECT manifest FROM views")}
-    blobs = set(manifests)
+    manifests = {r[0] for r in db.execute(
+        "SELECT manifest FROM tags UNION SELECT manifest FROM views UNION SELECT manifest FROM repository_manifests")}
+    # A blob pushed into a repository waits for the manifest that will reference it, for a while.
+    blobs = set(manifests) | {r[0] for r in db.execute(
+        "SELECT rb.blob FROM repository_blobs rb JOIN blobs b ON b.digest = rb.blob WHERE b.created > ?",
+        (time.time() - UPLOAD_GRACE_SECONDS,))}
     for m in manifests:
         blobs.update(r[0] for r in db.execute("SELECT blob FROM manifest_blobs WHERE manifest = ?", (m,)))
     return manifests, blobs

@@ -1,0 +1,186 @@
+"""Pull: a chunk-aware pull between two Clowder nodes against skopeo and curl from docker-registry.
+
+    python bench/pull.py [--preset bench_1b|smollm2_135m|tiny] [--streams 4] [--workdir DIR]
+
+A generated llama-shaped model (1.54 GB for bench_1b) and a fine-tune of it (write_variant, 10% of
+tensors changed) are built into the store of a clowderd storage node (node A). The base is also
+pushed to Debian's docker-registry. Every transfer runs over loopback, reading from the page cache:
+- clowder pull: `clowderctl pull clowder://A/bench:base` into an empty data dir (a new process:
+                gRPC chunk streams, BLAKE3 per chunk, assembly, sha256 + chunk index on ingest)
+- skopeo copy:  `skopeo copy docker://REGISTRY/bench:base dir:DIR` (every layer of the same image)
+- curl:         `curl -o FILE` of the big weights blob alone from the registry (the ceiling)
+Then: the variant pulled onto the node that has the base (bytes received / variant size), and a
+pull killed at about half way (SIGKILL) and run again (bytes read by both runs / a clean pull's).
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.ingest import figure  # noqa: E402
+from clowderd.aimage.build import build  # noqa: E402
+from clowderd.aimage.clowderfile import load_clowderfile  # noqa: E402
+from clowderd.distribution.push import push  # noqa: E402
+from clowderd.distribution.refs import parse_remote  # noqa: E402
+from clowderd.store.content import ContentStore  # noqa: E402
+from tests import modelgen  # noqa: E402
+from tests.clowderd_proc import REPO_ROOT, ClowderdProcess, _default_config  # noqa: E402
+from tests.registry_proc import RegistryProcess  # noqa: E402
+
+PRESETS = {"bench_1b": modelgen.BENCH_1B, "smollm2_135m": modelgen.SMOLLM2_135M, "tiny": modelgen.TINY}
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def clowderctl(data_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "clowderctl.main", "--data-dir", str(data_dir), *args]
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, env=ENV, cwd=REPO_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed:\n{r.stderr}")
+    return seconds, r.stdout
+
+
+def build_into(store: ContentStore, model_dir: Path, tag: str) -> str:
+    cf = model_dir.parent / f"{model_dir.name}.Clowderfile"
+    cf.write_text(f"base: {model_dir}\n")
+    return build(store, load_clowderfile(cf), tag).manifest_digest
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def loopback_rx_bytes() -> int:
+    """Bytes received on the loopback interface so far (/proc/net/dev)."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == "lo":
+                return int(counters.split()[0])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def killed_then_resumed(data_dir: Path, ref: str, streams: int) -> tuple[int, dict]:
+    """Start a pull, SIGKILL it once about half its chunks are in place, pull again. Returns the
+    bytes that crossed loopback during the killed pull (an upper bound of what it received) and
+    the second pull's result."""
+    rx0 = loopback_rx_bytes()
+    proc = subprocess.Popen(clowderctl(data_dir, "pull", "-q", "--streams", str(streams), ref), env=ENV,
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = data_dir / "store" / "partial"
+    read = 0
+    while proc.poll() is None:
+        journals = [j for j in partial.glob("*.chunks.done") if j.stat().st_size > 4096] if partial.exists() else []
+        if journals:
+            done = journals[0].read_bytes()[40:]
+            if sum(done) >= len(done) // 2:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                read = loopback_rx_bytes() - rx0
+                break
+        time.sleep(0.01)
+    proc.wait()
+    if not read:
+        return 0, {}
+    _, out = timed(clowderctl(data_dir, "pull", "-o", "json", "--streams", str(streams), ref))
+    return read, json.loads(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="bench_1b")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.workdir))
+    node = registry = None
+    try:
+        print(f"generating {args.preset} and a variant in {work} ...", flush=True)
+        base = modelgen.write_llama(work / "models" / "base", **PRESETS[args.preset])
+        modelgen.write_variant(base, work / "models" / "variant", change_fraction=0.1)
+        weights = base / "model.safetensors"
+        cfg = _default_config(work / "node-a", ("storage",))
+        (work / "node-a").mkdir()
+        node = ClowderdProcess(work / "node-a", cfg, ("storage",))
+        node.wait_ready()
+        store = ContentStore(node.data_dir / "store")
+        build_into(store, base, "bench:base")
+        build_into(store, work / "models" / "variant", "bench:variant")
+        registry = RegistryProcess(work)
+        registry.wait_ready()
+        push(store, "bench:base", parse_remote(f"{registry.host}/bench:base"))
+        base_blobs = [b for b in store.blobs() if b.digest in set(_image_blobs(store, "bench:base"))]
+        big = max(base_blobs, key=lambda b: b.size)
+        total = sum(b.size for b in base_blobs)
+        for b in store.blobs():
+            warm(store.path(b.digest))
+        for p in (registry.root).rglob("data"):
+            warm(p)
+        store.close()
+        src = f"clowder://{node.addresses['storage']}"
+
+        rows = []
+        t_pull, out = timed(clowderctl(work / "dst-1", "pull", "-o", "json", "--streams", str(args.streams),
+                                       f"{src}/bench:base"))
+        clean = json.loads(out)
+        rows.append(("clowder pull (chunk-aware gRPC)", total, t_pull))
+        t_skopeo, _ = timed(["skopeo", "copy", "--src-tls-verify=false", f"docker://{registry.host}/bench:base",
+                             f"dir:{work / 'skopeo'}"])
+        rows.append(("skopeo copy docker:// -> dir:", total, t_skopeo))
+        t_curl, _ = timed(["curl", "-sSf", "-o", str(work / "curl.blob"),
+                           f"http://{registry.host}/v2/bench/blobs/{big.digest}"])
+        rows.append(("curl -o (weights blob only)", big.size, t_curl))
+
+        _, out = timed(clowderctl(work / "dst-1", "pull", "-o", "json", f"{src}/bench:variant"))
+        variant = json.loads(out)
+        variant_size = sum(p.stat().st_size for p in (work / "models" / "variant").iterdir())
+        killed_read, resumed = killed_then_resumed(work / "dst-2", f"{src}/bench:base", args.streams)
+
+        print(f"\n{'transfer':<34} {'bytes':>14} {'seconds':>8} {'GB/s':>6}")
+        for name, nbytes, seconds in rows:
+            print(f"{name:<34} {nbytes:>14,} {seconds:>8.2f} {nbytes / seconds / 1e9:>6.2f}")
+        print(f"variant pull: {variant['fetched_bytes']:,} bytes received of {variant_size:,}; "
+              f"{variant['local_bytes']:,} from local chunks")
+        if resumed:
+            print(f"killed pull: {killed_read:,} bytes over loopback; the resumed pull received "
+                  f"{resumed['fetched_bytes']:,} (resumed {resumed['resumed_bytes']:,} in place); "
+                  f"a clean pull received {clean['fetched_bytes']:,}")
+        print()
+        print(figure("pull_vs_skopeo", t_skopeo / t_pull, "x", ">=", 2.0))
+        print(figure("pull_vs_curl", (total / t_pull) / (big.size / t_curl), "x", ">=", 0.8))
+        print(figure("variant_pull_bytes_sent", variant["fetched_bytes"] / variant_size, "of variant size", "<=", 0.15))
+        if resumed:
+            print(figure("resumed_pull_bytes_overhead", (killed_read + resumed["fetched_bytes"]) / clean["fetched_bytes"],
+                         "x of a clean pull", "<=", 1.6))
+        else:
+            print("figure: resumed_pull_bytes_overhead = n/a (the pull ended before it could be killed) short")
+    finally:
+        if node is not None:
+            node.stop()
+        if registry is not None:
+            registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _image_blobs(store: ContentStore, name: str) -> list[str]:
+    from clowderd.store.images import ImageIndex
+
+    index = ImageIndex(store)
+    return index.image_blobs(index.resolve(name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""A client of the OCI Distribution v1.1 HTTP API (CNCF distribution, Harbor, zot, Clowder).
+
+Auth: anonymous first; on 401 it answers the WWW-Authenticate challenge: Basic with the stored
+credentials, or Bearer (GET the realm with service and scope, with Basic credentials if any, and
+use the token returned). Blobs are streamed from and to files, never held whole in memory:
+uploads are monolithic up to MONOLITHIC_MAX and chunked (PATCH with Content-Range) above;
+downloads resume a partial file with a ranged GET.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import httpx
+
+from clowderd.aimage import mediatypes as mt
+from clowderd.distribution.errors import AuthError, TransferError
+from clowderd.distribution.refs import is_loopback
+from clowderd.errors import DigestMismatch, NotFound
+
+MANIFEST_ACCEPT = ", ".join([
+    mt.OCI_MANIFEST,
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
+MONOLITHIC_MAX = 32 << 20
+UPLOAD_CHUNK = 64 << 20
+IO_BLOCK = 1 << 20
+
+_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _file_body(f: BinaryIO, offset: int, length: int, advance: Callable[[int], None]) -> Iterator[bytes]:
+    fd = f.fileno()
+    end = offset + length
+    while offset < end:
+        data = os.pread(fd, min(IO_BLOCK, end - offset), offset)
+        if not data:
+            raise TransferError(f"{f.name}: ended early while uploading")
+        offset += len(data)
+        advance(len(data))
+        yield data
+
+
+class OciClient:
+    def __init__(self, registry: str, *, insecure: bool = False, credentials: tuple[str, str] | None = None):
+        self.registry = registry
+        scheme = "http" if insecure or is_loopback(registry) else "https"
+        self.base = f"{scheme}://{registry}"
+        self.credentials = credentials
+        self.http = httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True)
+        self._auth: dict[str, str] = {}  # scope -> Authorization header value
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- requests and auth ---------------------------------------------------------------------
+    def _request(self, method: str, url: str, scope: str, *, ok=(200,), headers=None, replayable=True,
+                 **kw) -> httpx.Response:
+        url = url if url.startswith("http") else self.base + url
+        headers = dict(headers or {})
+        for attempt in (0, 1):
+            if scope in self._auth:
+                headers["Authorization"] = self._auth[scope]
+            try:
+                r = self.http.request(method, url, headers=headers, **kw)
+            except httpx.HTTPError as exc:
+                raise TransferError(f"{method} {url}: {exc}") from None
+            if r.status_code == 401 and attempt == 0 and replayable:
+                self._authenticate(r, scope)
+                continue
+            break
+        if r.status_code == 401:
+            raise AuthError(f"{self.registry}: {self._why(r)}; log in with 'clowderctl login {self.registry}'")
+        if r.status_code not in ok:
+            raise self._error(method, url, r)
+        return r
+
+    def _why(self, r: httpx.Response) -> str:
+        try:
+            errors = r.json().get("errors") or []
+            return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors) or r.reason_phrase
+        except ValueError:
+            return f"{r.status_code} {r.reason_phrase}"
+
+    def _error(self, method: str, url: str, r: httpx.Response) -> Exception:
+        msg = f"{method} {url}: {r.status_code} {self._why(r)}"
+        return NotFound(msg) if r.status_code == 404 else TransferError(msg)
+
+    def _authenticate(self, r: httpx.Response, scope: str) -> None:
+        challenge = r.headers.get("www-authenticate", "")
+        kind = challenge.split(" ", 1)[0].lower()
+        if kind == "basic":
+            if not self.credentials:
+                raise AuthError(f"{self.registry} requires a login: clowderctl login {self.registry}")
+            user, password = self.credentials
+            self._auth[scope] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        elif kind == "bearer":
+            params = dict(_CHALLENGE.findall(challenge))
+            realm = params.pop("realm", None)
+            if not realm:
+                raise AuthError(f"{self.registry}: Bearer challenge without a realm: {challenge!r}")
+            query = {"service": params.get("service", "")}
+            if scope:
+                query["scope"] = params.get("scope", scope)
+            auth = httpx.BasicAuth(*self.credentials) if self.credentials else None
+            try:
+                t = self.http.get(realm, params=query, auth=auth)
+            except httpx.HTTPError as exc:
+                raise AuthError(f"{self.registry}: token service {realm}: {exc}") from None
+            if t.status_code != 200:
+                raise AuthError(f"{self.registry}: token service {realm} refused ({t.status_code}); "
+                                f"check the credentials with 'clowderctl login {self.registry}'")
+            body = t.json()
+            token = body.get("token") or body.get("access_token")
+            if not token:
+                raise AuthError(f"{self.registry}: token service {realm} returned no token")
+            self._auth[scope] = f"Bearer {token}"
+        else:
+            raise AuthError(f"{self.registry}: unsupported authentication challenge {challenge!r}")
+
+    @staticmethod
+    def _scope(repo: str, push: bool = False) -> str:
+        return f"repository:{repo}:{'pull,push' if push else 'pull'}"
+
+    # -- API -----------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """GET /v2/, authenticating if asked: checks the registry speaks the API and the login works."""
+        self._request("GET", "/v2/", "")
+
+    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
+        """(content, media type, digest) of a manifest by tag or digest; the digest is checked."""
+        r = self._request("GET", f"/v2/{repo}/manifests/{reference}", self._scope(repo),
+                          headers={"Accept": MANIFEST_ACCEPT})
+        content = r.content
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        expected = reference if reference.startswith("sha256:") else r.headers.get("docker-content-digest")
+        if expected and expected != digest:
+            raise DigestMismatch(f"{self.registry}/{repo}@{reference}: manifest has digest {digest}, expected {expected}")
+        return content, r.headers.get("content-type", "").split(";")[0], digest
+
+    def put_manifest(self, repo: str, reference: str, content: bytes, media_type: str) -> str:
+        r = self._request("PUT", f"/v2/{repo}/manifests/{reference}", self._scope(repo, True), ok=(201,),
+                          content=content, headers={"Content-Type": media_type})
+        return r.headers.get("docker-content-digest", "")
+
+    def has_blob(self, repo: str, digest: str, push: bool = False) -> bool:
+        r = self._request("HEAD", f"/v2/{repo}/blobs/{digest}", self._scope(repo, push), ok=(200, 404))
+        return r.status_code == 200
+
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount; True when the registry mounted it (201)."""
+        r = self._request("POST", f"/v2/{repo}/blobs/uploads/", f"{self._scope(repo, True)} {self._scope(from_repo)}",
+                          ok=(201, 202), params={"mount": digest, "from": from_repo})
+        if r.status_code == 202:  # not mounted: drop the session it opened
+            self._request("DELETE", str(r.url.join(r.headers["location"])), self._scope(repo, True),
+                          ok=(200, 202, 204, 404))
+        return r.status_code == 201
+
+    def upload_blob(self, repo: str, digest: str, f: BinaryIO, size: int, advance: Callable[[int], None]) -> None:
+        """Upload size bytes of file f as blob digest: one PUT up to MONOLITHIC_MAX, else PATCHes."""
+        scope = self._scope(repo, True)
+        r = self._request("POST", f"/v2/{repo}/blobs/uploads/", scope, ok=(202,))
+        location = r.url.join(r.headers["location"])
+        offset = 0
+        if size > MONOLITHIC_MAX:
+            while offset < size:
+                n = min(UPLOAD_CHUNK, size - offset)
+                r = self._request("PATCH", str(location), scope, ok=(202,), replayable=False,
+                                  content=_file_body(f, offset, n, advance),
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Content-Range": f"{offset}-{offset + n - 1}", "Content-Length": str(n)})
+                location = r.url.join(r.headers["location"])
+                offset += n
+        put_url = location.copy_merge_params({"digest": digest})
+        self._request("PUT", str(put_url), scope, ok=(201,), replayable=False,
+                      content=_file_body(f, offset, size - offset, advance),
+                      headers={"Content-Type": "application/octet-stream", "Content-Length": str(size - offset)})
+
+    def download_blob(self, repo: str, digest: str, dest: Path, advance: Callable[[int], None]) -> None:
+        """Download blob digest into dest, continuing what an earlier try left there; the sha256 is
+        checked (DigestMismatch, and dest removed, when it is wrong)."""
+        h = hashlib.sha256()
+        have = dest.stat().st_size if dest.exists() else 0
+        if have:
+            with open(dest, "rb") as f:
+                while block := f.read(IO_BLOCK):
+                    h.update(block)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        url = f"{self.base}/v2/{repo}/blobs/{digest}"
+        scope = self._scope(repo)
+        self._request("HEAD", url, scope)  # authenticate before the streamed GET
+        if scope in self._auth:
+            headers["Authorization"] = self._auth[scope]
+        with self.http.stream("GET", url, headers=headers) as r:
+            if r.status_code == 416 and have:  # already complete
+                pass
+            elif r.status_code not in (200, 206):
+                r.read()
+                raise self._error("GET", url, r)
+            else:
+                if r.status_code == 200 and have:  # the server ignored the range: start over
+                    h, have = hashlib.sha256(), 0
+                with open(dest, "r+b" if have else "wb") as f:
+                    f.seek(have)
+                    f.truncate()
+                    for block in r.iter_raw(IO_BLOCK):
+                        f.write(block)
+                        h.update(block)
+                        advance(len(block))
+        actual = "sha256:" + h.hexdigest()
+        if actual != digest:
+            dest.unlink(missing_ok=True)
+            raise DigestMismatch(f"{self.registry}/{repo}: blob {digest} downloaded with digest {actual}")

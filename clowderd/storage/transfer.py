@@ -1,0 +1,191 @@
+"""The gRPC Registry service of the storage role, backed by the node's content store: what a
+Clowder node needs to pull an aimage chunk by chunk (manifests, chunk indexes, chunk bytes).
+
+Chunk bytes are read in a worker thread (pread and BLAKE3 release the GIL), coalescing chunks that
+lie next to each other in one file into one read, and sent several to a message. Every chunk is
+hashed before it is sent: a chunk whose stored bytes are corrupt is read again from the blob the
+client named (a second copy, when that blob has its own file), else the stream ends with DATA_LOSS
+naming the chunk, so a corrupt disk never feeds another node.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+
+from clowder.v1 import registry_pb2, registry_pb2_grpc
+from clowderd import _native as native
+from clowderd.aimage import mediatypes as mt
+from clowderd.aimage.reference import validate_digest
+from clowderd.errors import ClowderError, InvalidInput, NotFound
+from clowderd.server import unimplemented_servicer
+from clowderd.store.content import ContentStore
+from clowderd.store.images import ImageIndex
+
+CHUNKER = "fastcdc-gear/8k-64k-128k+safetensors"
+BATCH_BYTES = 4 << 20  # chunk bytes per FetchChunks message
+MAX_IDS = 4096  # chunk ids per FetchChunks call
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """'repo/name:tag' -> ('repo/name', 'tag')."""
+    repo, _, tag = name.rpartition(":")
+    return repo, tag
+
+
+# Methods not overridden below (PutBlob, PutManifest, DeleteManifest) answer UNIMPLEMENTED.
+_Unimplemented = type(unimplemented_servicer(registry_pb2_grpc.RegistryServicer, registry_pb2.DESCRIPTOR, "Registry"))
+
+
+class RegistryServicer(_Unimplemented):
+    def __init__(self, store: ContentStore):
+        self.store = store
+        self.index = ImageIndex(store)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: ClowderError):
+        code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else (
+            grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidInput) else grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(exc))
+
+    # -- names -------------------------------------------------------------------------------
+    def _tag_names(self) -> list[str]:
+        return [r[0] for r in self.store.db.execute("SELECT name FROM tags ORDER BY name")]
+
+    async def ListRepositories(self, request, context):
+        repos = sorted({_split_name(n)[0] for n in self._tag_names()})
+        return registry_pb2.ListRepositoriesResponse(repositories=repos)
+
+    async def ListTags(self, request, context):
+        tags = [tag for repo, tag in map(_split_name, self._tag_names()) if repo == request.repository]
+        if not tags:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"repository {request.repository!r} is not on this node")
+        return registry_pb2.ListTagsResponse(tags=tags)
+
+    async def GetManifest(self, request, context):
+        ref = request.reference
+        try:
+            if ref.startswith("sha256:"):
+                digest = self.index.resolve(validate_digest(ref))
+            else:
+                digest = self.index.resolve(f"{request.repository}:{ref}")
+            content = self.index.manifest_bytes(digest)
+        except ClowderError as exc:
+            return await self._abort(context, exc)
+        row = self.store.db.execute("SELECT artifact_type FROM manifests WHERE digest = ?", (digest,)).fetchone()
+        return registry_pb2.GetManifestResponse(
+            media_type=mt.OCI_MANIFEST, digest=digest, content=content, artifact_type=row[0] if row else "")
+
+    # -- blobs and chunks ----------------------------------------------------------------------
+    async def StatBlob(self, request, context):
+        try:
+            info = self.store.info(request.digest)
+        except NotFound:
+            return registry_pb2.StatBlobResponse(exists=False)
+        except ClowderError as exc:
+            return await self._abort(context, exc)
+        return registry_pb2.StatBlobResponse(exists=True, size=info.size, chunked=True)
+
+    async def GetChunkIndex(self, request, context):
+        try:
+            info = self.store.info(request.digest)
+            chunks = self.store.chunk_index(request.digest)
+        except ClowderError as exc:
+            return await self._abort(context, exc)
+        return registry_pb2.GetChunkIndexResponse(
+            digest=info.digest, size=info.size, chunker=CHUNKER,
+            chunks=[registry_pb2.Chunk(id=cid, offset=off, length=length) for off, length, cid in chunks])
+
+    async def HasChunks(self, request, context):
+        known = self._locations(list(request.ids))
+        return registry_pb2.HasChunksResponse(present=[cid in known for cid in request.ids])
+
+    def _locations(self, ids: list[bytes]) -> dict[bytes, tuple[str, int, int]]:
+        found: dict[bytes, tuple[str, int, int]] = {}
+        for i in range(0, len(ids), 500):
+            batch = ids[i : i + 500]
+            marks = ",".join("?" * len(batch))
+            for cid, loc, off, length in self.store.db.execute(
+                f"SELECT id, location, offset, length FROM chunks WHERE id IN ({marks})", batch
+            ):
+                found[cid] = (loc, off, length)
+        return found
+
+    def _fallback(self, blob_digest: str) -> tuple[Path, dict[bytes, int]] | None:
+        """The hinted blob's own file and where each of its chunks lies in it, if it has one."""
+        if not blob_digest:
+            return None
+        try:
+            info = self.store.info(blob_digest)
+            if not info.has_file:
+                return None
+            return self.store.blob_path(blob_digest), {cid: off for off, _, cid in self.store.chunk_index(blob_digest)}
+        except ClowderError:
+            return None
+
+    async def FetchChunks(self, request, context):
+        ids = list(request.ids)
+        if len(ids) > MAX_IDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(ids)} chunk ids asked, at most {MAX_IDS} per call")
+        locations = self._locations(ids)
+        for cid in ids:
+            if cid not in locations:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"chunk {cid.hex()} is not on this node")
+        fallback = self._fallback(request.blob_digest)
+        loop = asyncio.get_running_loop()
+        start = 0
+        while start < len(ids):
+            end, size = start, 0
+            while end < len(ids) and (end == start or size + locations[ids[end]][2] <= BATCH_BYTES):
+                size += locations[ids[end]][2]
+                end += 1
+            batch = ids[start:end]
+            chunks, error = await loop.run_in_executor(None, self._read_batch, batch, locations, fallback,
+                                                       request.blob_digest)
+            if chunks:  # the good chunks before a corrupt one still count for the client
+                yield registry_pb2.ChunkBatch(chunks=chunks)
+            if error:
+                await context.abort(grpc.StatusCode.DATA_LOSS, error)
+            start = end
+
+    def _read_batch(self, ids, locations, fallback, blob_digest) -> tuple[list, str | None]:
+        """Read and verify the chunks: the ChunkData up to the first corrupt one, and the
+        DATA_LOSS message naming that one (None when all are good)."""
+        out = []
+        fds: dict[str, int] = {}
+        try:
+            i = 0
+            while i < len(ids):
+                loc, off, length = locations[ids[i]]
+                j, end = i + 1, off + length
+                while j < len(ids) and locations[ids[j]][0] == loc and locations[ids[j]][1] == end:
+                    end += locations[ids[j]][2]
+                    j += 1
+                if loc not in fds:
+                    fds[loc] = os.open(self.store.location_path(loc), os.O_RDONLY)
+                data = memoryview(os.pread(fds[loc], end - off, off))
+                pos = 0
+                for cid in ids[i:j]:
+                    length = locations[cid][2]
+                    chunk = data[pos : pos + length]
+                    pos += length
+                    if len(chunk) != length or native.blake3(chunk) != cid:
+                        chunk = self._second_copy(cid, length, fallback)
+                        if chunk is None:
+                            return out, (f"chunk {cid.hex()} is corrupt in {self.store.location_path(loc)} on the "
+                                         f"source node (blob {blob_digest or 'unknown'}); run 'clowderctl fsck' there")
+                    out.append(registry_pb2.ChunkData(id=cid, data=bytes(chunk)))
+                i = j
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out, None
+
+    @staticmethod
+    def _second_copy(cid: bytes, length: int, fallback) -> bytes | None:
+        if fallback is None or cid not in fallback[1]:
+            return None
+        with open(fallback[0], "rb") as f:
+            data = os.pread(f.fileno(), length, fallback[1][cid])
+        return data if native.blake3(data) == cid else None

@@ -1,0 +1,261 @@
+"""The storage role's OCI Distribution v1.1 endpoints (end-1..end-13), against a real
+`clowderd --roles storage` over HTTP."""
+import json
+import os
+
+import httpx
+
+from tests.oci_client import (digest_of, error_code, image_manifest, node_url, oci, oci_node,  # noqa: F401
+                              push_blob, push_image)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def test_api_version_check_answers_200_with_the_version_header(oci):
+    r = oci.get("/v2/")
+    assert r.status_code == 200
+    assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_monolithic_upload_then_blob_get_and_head(oci):
+    data = os.urandom(3000)
+    digest = push_blob(oci, "mono/blob", data)
+    r = oci.get(f"/v2/mono/blob/blobs/{digest}")
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["Docker-Content-Digest"] == digest
+    h = oci.head(f"/v2/mono/blob/blobs/{digest}")
+    assert h.status_code == 200 and h.headers["Content-Length"] == "3000" and h.content == b""
+
+
+def test_blob_range_gives_206_with_content_range_and_416_past_the_end(oci):
+    data = bytes(range(256)) * 4
+    digest = push_blob(oci, "ranges", data)
+    r = oci.get(f"/v2/ranges/blobs/{digest}", headers={"Range": "bytes=10-19"})
+    assert r.status_code == 206 and r.content == data[10:20]
+    assert r.headers["Content-Range"] == f"bytes 10-19/{len(data)}"
+    assert oci.get(f"/v2/ranges/blobs/{digest}", headers={"Range": "bytes=-5"}).content == data[-5:]
+    assert oci.get(f"/v2/ranges/blobs/{digest}", headers={"Range": "bytes=1000-"}).content == data[1000:]
+    r = oci.get(f"/v2/ranges/blobs/{digest}", headers={"Range": f"bytes={len(data)}-"})
+    assert r.status_code == 416 and r.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert error_code(r) == "SIZE_INVALID"
+
+
+def test_blob_in_another_repository_is_unknown_here(oci):
+    digest = push_blob(oci, "owner/a", b"only in a")
+    r = oci.get(f"/v2/owner/b/blobs/{digest}")
+    assert r.status_code == 404 and error_code(r) == "BLOB_UNKNOWN"
+
+
+def test_chunked_upload_in_order_with_status_then_put_completes(oci):
+    data = os.urandom(10_000)
+    r = oci.post("/v2/chunked/blobs/uploads/")
+    assert r.status_code == 202 and r.headers["Range"] == "0-0"
+    location, uuid = r.headers["Location"], r.headers["Docker-Upload-UUID"]
+    assert location.endswith(uuid)
+    r = oci.patch(location, content=data[:4000], headers={"Content-Range": "0-3999", "Content-Type": "application/octet-stream"})
+    assert r.status_code == 202 and r.headers["Range"] == "0-3999"
+    r = oci.get(location)
+    assert r.status_code == 204 and r.headers["Range"] == "0-3999"
+    r = oci.patch(location, content=data[5000:6000], headers={"Content-Range": "5000-5999"})
+    assert r.status_code == 416 and r.headers["Range"] == "0-3999"
+    r = oci.patch(location, content=data[4000:], headers={"Content-Range": f"4000-{len(data) - 1}"})
+    assert r.status_code == 202
+    r = oci.put(location, params={"digest": digest_of(data)})
+    assert r.status_code == 201 and r.headers["Docker-Content-Digest"] == digest_of(data)
+    assert r.headers["Location"] == f"/v2/chunked/blobs/{digest_of(data)}"
+    assert oci.get(f"/v2/chunked/blobs/{digest_of(data)}").content == data
+    assert oci.get(location).status_code == 404
+
+
+def test_post_then_single_put_with_the_body(oci):
+    data = b"post-put " * 50
+    location = oci.post("/v2/postput/blobs/uploads/").headers["Location"]
+    r = oci.put(location, params={"digest": digest_of(data)}, content=data)
+    assert r.status_code == 201
+
+
+def test_wrong_digest_is_refused_and_nothing_is_stored(oci, oci_node):
+    wrong = digest_of(b"something else")
+    r = oci.post("/v2/wrong/blobs/uploads/", params={"digest": wrong}, content=b"the real bytes")
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+    assert oci.head(f"/v2/wrong/blobs/{digest_of(b'the real bytes')}").status_code == 404
+    store = oci_node.data_dir / "store"
+    assert not list((store / "partial").iterdir()) and not list((store / "tmp").iterdir())
+
+
+def test_cancelled_upload_is_gone(oci):
+    location = oci.post("/v2/cancel/blobs/uploads/").headers["Location"]
+    oci.patch(location, content=b"abc")
+    assert oci.delete(location).status_code == 204
+    r = oci.get(location)
+    assert r.status_code == 404 and error_code(r) == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_cross_repository_mount_gives_201_or_falls_back_to_a_session(oci):
+    digest = push_blob(oci, "src/repo", b"mount me")
+    r = oci.post("/v2/dst/repo/blobs/uploads/", params={"mount": digest, "from": "src/repo"})
+    assert r.status_code == 201 and r.headers["Location"] == f"/v2/dst/repo/blobs/{digest}"
+    assert oci.get(f"/v2/dst/repo/blobs/{digest}").content == b"mount me"
+    r = oci.post("/v2/dst/repo/blobs/uploads/", params={"mount": digest_of(b"absent"), "from": "src/repo"})
+    assert r.status_code == 202 and "Docker-Upload-UUID" in r.headers
+
+
+def test_manifest_put_get_head_by_tag_and_digest(oci):
+    digest, manifest = push_image(oci, "a/b/c", "v1", [b"layer one", b"layer two"])
+    assert digest == digest_of(manifest)
+    for ref in ("v1", digest):
+        r = oci.get(f"/v2/a/b/c/manifests/{ref}", headers={"Accept": OCI_MANIFEST})
+        assert r.status_code == 200 and r.content == manifest
+        assert r.headers["Content-Type"] == OCI_MANIFEST and r.headers["Docker-Content-Digest"] == digest
+        h = oci.head(f"/v2/a/b/c/manifests/{ref}")
+        assert h.status_code == 200 and h.headers["Content-Length"] == str(len(manifest))
+
+
+def test_manifest_with_a_missing_blob_is_manifest_blob_unknown(oci):
+    manifest = image_manifest(b"{}", [b"never pushed"])
+    push_blob(oci, "missing", b"{}")
+    r = oci.put("/v2/missing/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 400 and error_code(r) == "MANIFEST_BLOB_UNKNOWN"
+    assert digest_of(b"never pushed") in r.json()["errors"][0]["detail"]["digests"]
+
+
+def test_bad_manifests_are_manifest_invalid_and_oversized_is_413(oci):
+    for body in (b"not json", b"[]", b'{"schemaVersion": 1}',
+                 json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}).encode()):
+        r = oci.put("/v2/bad/manifests/v1", content=body, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 400 and error_code(r) == "MANIFEST_INVALID", body
+    r = oci.put("/v2/bad/manifests/v1", content=b" " * ((4 << 20) + 1), headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 413 and error_code(r) == "SIZE_INVALID"
+
+
+def test_manifest_put_by_wrong_digest_is_digest_invalid(oci):
+    push_blob(oci, "bydigest", b"{}")
+    manifest = image_manifest(b"{}", [])
+    r = oci.put(f"/v2/bydigest/manifests/{digest_of(b'other')}", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+    r = oci.put(f"/v2/bydigest/manifests/{digest_of(manifest)}", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201
+
+
+def test_docker_schema2_manifest_and_an_index_are_accepted(oci):
+    push_blob(oci, "multi", b"{}")
+    push_blob(oci, "multi", b"L")
+    docker = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": digest_of(b"{}"), "size": 2},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest_of(b"L"), "size": 1}],
+    }).encode()
+    r = oci.put("/v2/multi/manifests/docker", content=docker,
+                headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+    assert r.status_code == 201
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": digest_of(docker),
+         "size": len(docker), "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    r = oci.put("/v2/multi/manifests/index", content=index, headers={"Content-Type": OCI_INDEX})
+    assert r.status_code == 201
+    r = oci.get("/v2/multi/manifests/index")
+    assert r.headers["Content-Type"] == OCI_INDEX and r.content == index
+    assert oci.get("/v2/multi/manifests/docker").headers["Content-Type"] == \
+        "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_delete_tag_and_delete_manifest_by_digest(oci):
+    digest, _ = push_image(oci, "deleting", "t1", [b"d1"])
+    r = oci.put("/v2/deleting/manifests/t2", content=oci.get(f"/v2/deleting/manifests/{digest}").content,
+                headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201
+    assert oci.delete("/v2/deleting/manifests/t1").status_code == 202
+    assert error_code(oci.get("/v2/deleting/manifests/t1")) == "MANIFEST_UNKNOWN"
+    assert oci.delete(f"/v2/deleting/manifests/{digest}").status_code == 202
+    assert oci.get(f"/v2/deleting/manifests/{digest}").status_code == 404
+    assert oci.get("/v2/deleting/manifests/t2").status_code == 404
+
+
+def test_delete_blob_unlinks_it_from_the_repository(oci):
+    digest = push_blob(oci, "blobdel", b"delete me")
+    assert oci.delete(f"/v2/blobdel/blobs/{digest}").status_code == 202
+    assert oci.head(f"/v2/blobdel/blobs/{digest}").status_code == 404
+
+
+def test_tags_list_paginates_with_link(oci):
+    for tag in ("c", "a", "b", "d"):
+        push_image(oci, "paged", tag, [b"p"])
+    assert oci.get("/v2/paged/tags/list").json() == {"name": "paged", "tags": ["a", "b", "c", "d"]}
+    r = oci.get("/v2/paged/tags/list", params={"n": 2})
+    assert r.json()["tags"] == ["a", "b"]
+    assert r.headers["Link"] == '</v2/paged/tags/list?n=2&last=b>; rel="next"'
+    r = oci.get(r.headers["Link"].split(">")[0][1:])
+    assert r.json()["tags"] == ["c", "d"] and "Link" not in r.headers
+    assert oci.get("/v2/paged/tags/list", params={"n": 0}).json()["tags"] == []
+    r = oci.get("/v2/never/pushed/tags/list")
+    assert r.status_code == 404 and error_code(r) == "NAME_UNKNOWN"
+
+
+def test_catalog_lists_repositories_with_pagination(oci):
+    push_image(oci, "cat/one", "v", [b"c1"])
+    push_image(oci, "cat/two", "v", [b"c2"])
+    repos = oci.get("/v2/_catalog").json()["repositories"]
+    assert {"cat/one", "cat/two"} <= set(repos) and repos == sorted(repos)
+    r = oci.get("/v2/_catalog", params={"n": 1, "last": "cat/one"})
+    assert r.json()["repositories"] == ["cat/two"] and "Link" in r.headers
+
+
+def test_referrers_lists_manifests_with_that_subject_and_filters_by_artifact_type(oci):
+    subject_digest, subject = push_image(oci, "refs", "v1", [b"base"])
+    subject_desc = {"mediaType": OCI_MANIFEST, "digest": subject_digest, "size": len(subject)}
+    push_blob(oci, "refs", b"sig")
+    for artifact_type, body in (("application/vnd.example.sig", b"sig"), ("application/vnd.example.sbom", b"sig")):
+        manifest = image_manifest(b"{}", [body], subject=subject_desc, artifact_type=artifact_type,
+                                  annotations={"kind": artifact_type})
+        r = oci.put(f"/v2/refs/manifests/{digest_of(manifest)}", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 201 and r.headers["OCI-Subject"] == subject_digest
+    r = oci.get(f"/v2/refs/referrers/{subject_digest}")
+    assert r.status_code == 200 and r.headers["Content-Type"] == OCI_INDEX
+    found = r.json()["manifests"]
+    assert sorted(d["artifactType"] for d in found) == ["application/vnd.example.sbom", "application/vnd.example.sig"]
+    assert all(d["annotations"]["kind"] == d["artifactType"] for d in found)
+    r = oci.get(f"/v2/refs/referrers/{subject_digest}", params={"artifactType": "application/vnd.example.sig"})
+    assert [d["artifactType"] for d in r.json()["manifests"]] == ["application/vnd.example.sig"]
+    assert r.headers["OCI-Filters-Applied"] == "artifactType"
+    assert oci.get(f"/v2/refs/referrers/{digest_of(b'nothing')}").json()["manifests"] == []
+
+
+def test_bad_names_and_digests_are_spec_errors(oci):
+    assert error_code(oci.get("/v2/Upper/tags/list")) == "NAME_INVALID"
+    assert error_code(oci.get("/v2/a/../b/tags/list")) in ("NAME_INVALID", "NAME_UNKNOWN")
+    r = oci.get("/v2/ok/blobs/sha256:xyz")
+    assert r.status_code == 400 and error_code(r) == "DIGEST_INVALID"
+    r = oci.request("PATCH", "/v2/ok/manifests/v1")
+    assert r.status_code == 405 and error_code(r) == "UNSUPPORTED"
+
+
+def test_sigterm_stops_the_http_api_cleanly(tmp_path_factory):
+    from tests.oci_client import start_storage_node
+
+    proc = start_storage_node(tmp_path_factory)
+    url = node_url(proc)
+    with httpx.Client(base_url=url) as client:
+        location = client.post("/v2/stop/blobs/uploads/").headers["Location"]
+        client.patch(location, content=b"partial")
+    assert proc.stop() == 0
+    assert not list((proc.data_dir / "store" / "partial").iterdir())
+    try:
+        httpx.get(url + "/v2/", timeout=1)
+        raise AssertionError("still serving after SIGTERM")
+    except httpx.ConnectError:
+        pass
+
+
+def test_a_pushed_safetensors_blob_is_cut_at_tensor_boundaries(oci, oci_node, tiny_llama):
+    from clowderd.aimage.safetensors import read_header, tensor_boundaries
+    from clowderd.store.content import ContentStore
+
+    weights = tiny_llama / "model.safetensors"
+    digest = push_blob(oci, "st/model", weights.read_bytes())
+    store = ContentStore(oci_node.data_dir / "store")
+    try:
+        starts = {off for off, _, _ in store.chunk_index(digest)}
+    finally:
+        store.close()
+    assert set(tensor_boundaries(read_header(weights))) <= starts
