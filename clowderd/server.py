@@ -217,19 +217,22 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Watch(self, request: node_pb2.WatchRequest, context: grpc.aio.ServicerContext):
         p = self._p
         last = None
-        while True:
-            async with p._state_changed:
-                if p.state == last:
-                    await p._state_changed.wait()
-                state, since = p.state, p.state_since_ns
-            if state == last:
-                continue
-            last = state
-            ts = timestamp_pb2.Timestamp()
-            ts.FromNanoseconds(since)
-            yield node_pb2.WatchResponse(state=state, since=ts)
-            if state == node_pb2.SERVING_STATE_STOPPING:
-                return
+        try:
+            while True:
+                async with p._state_changed:
+                    if p.state == last:
+                        await p._state_changed.wait()
+                    state, since = p.state, p.state_since_ns
+                if state == last:
+                    continue
+                last = state
+                ts = timestamp_pb2.Timestamp()
+                ts.FromNanoseconds(since)
+                yield node_pb2.WatchResponse(state=state, since=ts)
+                if state == node_pb2.SERVING_STATE_STOPPING:
+                    return
+        except asyncio.CancelledError:
+            return  # the watcher went away, or the server is stopping: nothing to report
 
 
 # ---------------------------------------------------------------------------------------------
