@@ -73,12 +73,15 @@ def loopback_rx_bytes() -> int:
     raise RuntimeError("no loopback interface in /proc/net/dev")
 
 
-def killed_then_resumed(data_dir: Path, ref: str, streams: int) -> tuple[int, dict]:
+def killed_then_resumed(data_dir: Path, ref: str, streams: int, total: int) -> tuple[int, dict]:
     """Start a pull, SIGKILL it once about half its chunks are in place, pull again. Returns the
     bytes that crossed loopback during the killed pull (an upper bound of what it received) and
-    the second pull's result."""
+    the second pull's result. The killed pull is held to about total/3 bytes a second, so that it
+    runs for a few of its 1-second journal checkpoints whatever the machine (a fast pull could
+    otherwise end before a checkpoint shows it half done); the figure counts bytes, not time."""
     rx0 = loopback_rx_bytes()
-    proc = subprocess.Popen(clowderctl(data_dir, "pull", "-q", "--streams", str(streams), ref), env=ENV,
+    proc = subprocess.Popen(clowderctl(data_dir, "pull", "-q", "--streams", str(streams), "--limit-rate",
+                                       str(max(1, total // 3)), ref), env=ENV,
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = data_dir / "store" / "partial"
     read = 0
@@ -147,7 +150,7 @@ def main() -> None:
         _, out = timed(clowderctl(work / "dst-1", "pull", "-o", "json", f"{src}/bench:variant"))
         variant = json.loads(out)
         variant_size = sum(p.stat().st_size for p in (work / "models" / "variant").iterdir())
-        killed_read, resumed = killed_then_resumed(work / "dst-2", f"{src}/bench:base", args.streams)
+        killed_read, resumed = killed_then_resumed(work / "dst-2", f"{src}/bench:base", args.streams, total)
 
         print(f"\n{'transfer':<34} {'bytes':>14} {'seconds':>8} {'GB/s':>6}")
         for name, nbytes, seconds in rows:

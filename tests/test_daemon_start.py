@@ -8,7 +8,7 @@ import pytest
 
 from clowder.v1 import (common_pb2, controller_pb2, controller_pb2_grpc, inference_pb2,
                         inference_pb2_grpc, node_pb2, node_pb2_grpc, registry_pb2,
-                        registry_pb2_grpc, worker_pb2, worker_pb2_grpc)
+                        registry_pb2_grpc)
 
 ROLE = {"controller": common_pb2.ROLE_CONTROLLER, "storage": common_pb2.ROLE_STORAGE,
         "worker": common_pb2.ROLE_WORKER, "lb": common_pb2.ROLE_LB}
@@ -57,8 +57,6 @@ def test_subset_of_roles_starts_only_those_servers(clowderd):
         controller_pb2.WatchRoutesRequest(), timeout=5))),
     ("storage", lambda ch: registry_pb2_grpc.RegistryStub(ch).PutBlob(
         iter([registry_pb2.PutBlobRequest(data=b"x")]), timeout=5)),
-    ("worker", lambda ch: worker_pb2_grpc.WorkerStub(ch).ListReplicas(
-        worker_pb2.ListReplicasRequest(), timeout=5)),
     ("lb", lambda ch: list(inference_pb2_grpc.InferenceStub(ch).StreamChatCompletion(
         inference_pb2.ChatCompletionRequest(model="m"), timeout=5))),
 ])

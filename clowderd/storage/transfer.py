@@ -2,10 +2,12 @@
 Clowder node needs to pull an aimage chunk by chunk (manifests, chunk indexes, chunk bytes).
 
 Chunk bytes are read in a worker thread (pread and BLAKE3 release the GIL), coalescing chunks that
-lie next to each other in one file into one read, and sent several to a message. Every chunk is
-hashed before it is sent: a chunk whose stored bytes are corrupt is read again from the blob the
-client named (a second copy, when that blob has its own file), else the stream ends with DATA_LOSS
-naming the chunk, so a corrupt disk never feeds another node.
+lie next to each other in one file into one read, and sent several to a message; the next message
+is read while the current one is sent. A packed request gets each message's chunks as one
+contiguous `data` (with their ids and lengths), the whole message verified by one BLAKE3 call.
+Every chunk is hashed before it is sent: a chunk whose stored bytes are corrupt is read again from
+the blob the client named (a second copy, when that blob has its own file), else the stream ends
+with DATA_LOSS naming the chunk, so a corrupt disk never feeds another node.
 """
 from __future__ import annotations
 
@@ -19,13 +21,16 @@ from clowder.v1 import registry_pb2, registry_pb2_grpc
 from clowderd import _native as native
 from clowderd.aimage import mediatypes as mt
 from clowderd.aimage.reference import validate_digest
+from clowderd.distribution.chunk_client import bad_chunks
 from clowderd.errors import ClowderError, InvalidInput, NotFound
 from clowderd.server import unimplemented_servicer
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 
 CHUNKER = "fastcdc-gear/8k-64k-128k+safetensors"
-BATCH_BYTES = 4 << 20  # chunk bytes per FetchChunks message
+BATCH_BYTES = 4 << 20  # chunk bytes per FetchChunks message (unpacked)
+PACKED_BATCH_BYTES = 1 << 20  # chunk bytes per packed message when the client names none
+PACKED_BATCH_RANGE = (64 << 10, 15 << 20)  # 15 MiB: under the server's 16 MiB message limit, with ids
 MAX_IDS = 4096  # chunk ids per FetchChunks call
 
 
@@ -132,58 +137,113 @@ class RegistryServicer(_Unimplemented):
         for cid in ids:
             if cid not in locations:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"chunk {cid.hex()} is not on this node")
-        fallback = self._fallback(request.blob_digest)
-        loop = asyncio.get_running_loop()
+        if request.packed:
+            limit = min(max(request.batch_bytes or PACKED_BATCH_BYTES, PACKED_BATCH_RANGE[0]), PACKED_BATCH_RANGE[1])
+            read = self._read_packed
+        else:
+            limit, read = BATCH_BYTES, self._read_batch
+        batches = []
         start = 0
         while start < len(ids):
             end, size = start, 0
-            while end < len(ids) and (end == start or size + locations[ids[end]][2] <= BATCH_BYTES):
+            while end < len(ids) and (end == start or size + locations[ids[end]][2] <= limit):
                 size += locations[ids[end]][2]
                 end += 1
-            batch = ids[start:end]
-            chunks, error = await loop.run_in_executor(None, self._read_batch, batch, locations, fallback,
-                                                       request.blob_digest)
-            if chunks:  # the good chunks before a corrupt one still count for the client
-                yield registry_pb2.ChunkBatch(chunks=chunks)
+            batches.append(ids[start:end])
+            start = end
+        loop = asyncio.get_running_loop()
+        # One read ahead: the worker thread reads and hashes message k+1 while k is sent.
+        pending = loop.run_in_executor(None, read, batches[0], locations, request.blob_digest) \
+            if batches else None
+        for k in range(len(batches)):
+            message, error = await pending
+            if k + 1 < len(batches) and error is None:
+                pending = loop.run_in_executor(None, read, batches[k + 1], locations, request.blob_digest)
+            if message is not None:  # the good chunks before a corrupt one still count for the client
+                yield message
             if error:
                 await context.abort(grpc.StatusCode.DATA_LOSS, error)
-            start = end
 
-    def _read_batch(self, ids, locations, fallback, blob_digest) -> tuple[list, str | None]:
-        """Read and verify the chunks: the ChunkData up to the first corrupt one, and the
-        DATA_LOSS message naming that one (None when all are good)."""
+    def _runs(self, ids, locations, fds: dict[str, int]):
+        """(fd, offset, length, first index, end index) for each run of ids that lie next to each
+        other in one file."""
+        i = 0
+        while i < len(ids):
+            loc, off, length = locations[ids[i]]
+            j, end = i + 1, off + length
+            while j < len(ids) and locations[ids[j]][0] == loc and locations[ids[j]][1] == end:
+                end += locations[ids[j]][2]
+                j += 1
+            if loc not in fds:
+                fds[loc] = os.open(self.store.location_path(loc), os.O_RDONLY)
+            yield fds[loc], off, end - off, i, j
+            i = j
+
+    def _corrupt(self, cid: bytes, loc: str, blob_digest: str) -> str:
+        return (f"chunk {cid.hex()} is corrupt in {self.store.location_path(loc)} on the source node "
+                f"(blob {blob_digest or 'unknown'}); run 'clowderctl fsck' there")
+
+    def _read_packed(self, ids, locations, blob_digest):
+        """One packed ChunkBatch of ids, verified: up to the first corrupt chunk (None if that is
+        the first), and the DATA_LOSS message naming that one (None when all are good)."""
+        fds: dict[str, int] = {}
+        lengths = [locations[cid][2] for cid in ids]
+        try:
+            parts = [os.pread(fd, n, off) for fd, off, n, _, _ in self._runs(ids, locations, fds)]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        error = None
+        if len(data) != sum(lengths):  # a file shorter than the index says: find which chunk
+            data = data.ljust(sum(lengths), b"\0")
+        joined = b"".join(ids)
+        bad = bad_chunks(data, lengths, joined)
+        if bad:
+            fixed = bytearray(data)
+            offsets = [0]
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
+            for k in bad:
+                chunk = self._second_copy(ids[k], lengths[k], blob_digest)
+                if chunk is None:
+                    error = self._corrupt(ids[k], locations[ids[k]][0], blob_digest)
+                    ids, lengths, fixed, joined = ids[:k], lengths[:k], fixed[: offsets[k]], joined[: 32 * k]
+                    break
+                fixed[offsets[k] : offsets[k + 1]] = chunk
+            data = bytes(fixed)
+        if not ids:
+            return None, error
+        return registry_pb2.ChunkBatch(ids=joined, lengths=lengths, data=data), error
+
+    def _read_batch(self, ids, locations, blob_digest):
+        """Read and verify the chunks: a ChunkBatch of ChunkData up to the first corrupt one (None
+        if that is the first), and the DATA_LOSS message naming that one (None when all are good)."""
         out = []
         fds: dict[str, int] = {}
         try:
-            i = 0
-            while i < len(ids):
-                loc, off, length = locations[ids[i]]
-                j, end = i + 1, off + length
-                while j < len(ids) and locations[ids[j]][0] == loc and locations[ids[j]][1] == end:
-                    end += locations[ids[j]][2]
-                    j += 1
-                if loc not in fds:
-                    fds[loc] = os.open(self.store.location_path(loc), os.O_RDONLY)
-                data = memoryview(os.pread(fds[loc], end - off, off))
+            for fd, off, n, i, j in self._runs(ids, locations, fds):
+                data = memoryview(os.pread(fd, n, off))
                 pos = 0
                 for cid in ids[i:j]:
                     length = locations[cid][2]
                     chunk = data[pos : pos + length]
                     pos += length
                     if len(chunk) != length or native.blake3(chunk) != cid:
-                        chunk = self._second_copy(cid, length, fallback)
+                        chunk = self._second_copy(cid, length, blob_digest)
                         if chunk is None:
-                            return out, (f"chunk {cid.hex()} is corrupt in {self.store.location_path(loc)} on the "
-                                         f"source node (blob {blob_digest or 'unknown'}); run 'clowderctl fsck' there")
+                            batch = registry_pb2.ChunkBatch(chunks=out) if out else None
+                            return batch, self._corrupt(cid, locations[cid][0], blob_digest)
                     out.append(registry_pb2.ChunkData(id=cid, data=bytes(chunk)))
-                i = j
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return out, None
+        return registry_pb2.ChunkBatch(chunks=out), None
 
-    @staticmethod
-    def _second_copy(cid: bytes, length: int, fallback) -> bytes | None:
+    def _second_copy(self, cid: bytes, length: int, blob_digest: str) -> bytes | None:
+        """The chunk's bytes from the hinted blob's own file, if it has one and they are good. Only
+        for a corrupt chunk: the hinted blob's chunk map is built then, not for every call."""
+        fallback = self._fallback(blob_digest)
         if fallback is None or cid not in fallback[1]:
             return None
         with open(fallback[0], "rb") as f:

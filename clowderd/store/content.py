@@ -268,6 +268,49 @@ class ContentStore:
             finally:
                 path.unlink(missing_ok=True)
 
+    def ingest_assembled_file(self, path: Path, digest: str, chunks: Sequence[Chunk], sha256: bytes) -> IngestResult:
+        """Move in a file that this process assembled under tmp_dir or partial_dir from verified
+        chunks (a chunk pull), with `chunks` as its chunk index, taking the sha256 the caller
+        computed instead of reading the whole file again.
+
+        The caller vouches for two things, both computed in this process: `sha256` is the hash of
+        the exact bytes of the file as it is now (read back from it after they were written, with
+        nothing writing to it since), and every chunk's bytes were checked against its BLAKE3 id
+        before they were written. That is the check ingest_temp_file makes, only done while the
+        file was being assembled, so no blob becomes visible before its sha256 is verified. The
+        store still checks what is cheap: that sha256 is digest's, that the chunks tile the file
+        from 0 to its size, and the BLAKE3 of a few chunks (first, last, some between), so a
+        caller handing the wrong file or list is caught. The file is consumed either way."""
+        path = Path(path)
+        if not any(path.resolve().is_relative_to(d.resolve()) for d in (self.tmp_dir, self.partial_dir)):
+            raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
+        with self.shared_lock():
+            try:
+                parse_digest(digest)
+                if "sha256:" + sha256.hex() != digest:
+                    raise DigestMismatch(f"{path}: content has digest sha256:{sha256.hex()}, expected {digest}")
+                chunks = list(chunks)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    pos = 0
+                    for off, length, _ in chunks:
+                        if off != pos or length <= 0:
+                            raise InvalidInput(f"{path}: the chunk list does not tile the file (at offset {pos})")
+                        pos += length
+                    if pos != size:
+                        raise InvalidInput(f"{path}: the chunks cover {pos} bytes of its {size}")
+                    sample = {0, len(chunks) - 1, *range(0, len(chunks), max(1, len(chunks) // 6))} if chunks else set()
+                    for i in sorted(sample):
+                        off, length, cid = chunks[i]
+                        if native.blake3(os.pread(fd, length, off)) != cid:
+                            raise DigestMismatch(f"{path}: chunk {i} ({cid.hex()}) does not match its id")
+                finally:
+                    os.close(fd)
+                return self._commit(path, digest, size, chunks)
+            finally:
+                path.unlink(missing_ok=True)
+
     def temp_file(self, suffix: str) -> Path:
         """A fresh path under tmp_dir for a file to be handed to ingest_temp_file."""
         return self._temp_path(suffix)

@@ -1,20 +1,119 @@
-"""gRPC services of the worker role. Every method answers UNIMPLEMENTED (naming the method)
-until it is implemented: subclass the servicer here and override methods one by one."""
+"""gRPC services of the worker role: clowder.v1.Worker over this node's replicas (replicas.py).
+
+The worker opens the node's content store at <data_dir>/store (model views are hard links into it).
+At shutdown, once the servers have stopped taking calls, every replica is unloaded (engine hosts
+exit, views are removed), then the store is closed.
+"""
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf import timestamp_pb2
 
-from clowder.v1 import worker_pb2, worker_pb2_grpc
-from clowderd.server import unimplemented_servicer
+from clowder.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
+from clowderd.engines.base import Finished
+from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
+from clowderd.errors import InvalidInput, NotFound
+from clowderd.store.content import ContentStore
+from clowderd.worker.engine_requests import engine_request
+from clowderd.worker.replicas import Replica, ReplicaManager, ReplicaUnavailable
 
 if TYPE_CHECKING:
     from clowderd.server import Process
 
+DEFAULT_UNLOAD_GRACE_S = 5.0
+
+# Errors of the replica manager and the engines, as gRPC status codes; the message is the error's.
+STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ReplicaUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (EngineError, grpc.StatusCode.INTERNAL),
+)
+HANDLED = tuple(cls for cls, _ in STATUS_CODES)
+
+
+def status_code(error: Exception) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS_CODES if isinstance(error, cls))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, replicas: ReplicaManager, node_name: str):
+        self.replicas = replicas
+        self.node_name = node_name
+
+    def status(self, replica: Replica) -> common_pb2.ReplicaStatus:
+        since = timestamp_pb2.Timestamp()
+        since.FromNanoseconds(replica.since_ns)
+        return common_pb2.ReplicaStatus(
+            replica_id=replica.id, deployment=replica.spec.deployment, node_name=self.node_name,
+            state=replica.state, message=replica.message, observed_generation=replica.spec.generation,
+            in_flight=replica.in_flight, state_since=since)
+
+    async def LoadReplica(self, request: worker_pb2.LoadReplicaRequest,
+                          context: grpc.aio.ServicerContext) -> common_pb2.ReplicaStatus:
+        try:
+            return self.status(self.replicas.load(request.spec))
+        except HANDLED as e:
+            await context.abort(status_code(e), str(e))
+
+    async def UnloadReplica(self, request: worker_pb2.UnloadReplicaRequest,
+                            context: grpc.aio.ServicerContext) -> common_pb2.ReplicaStatus:
+        grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else 0.0
+        try:
+            replica = await self.replicas.unload(request.replica_id, grace or DEFAULT_UNLOAD_GRACE_S)
+        except HANDLED as e:
+            await context.abort(status_code(e), str(e))
+        return self.status(replica)
+
+    async def ListReplicas(self, request: worker_pb2.ListReplicasRequest,
+                           context: grpc.aio.ServicerContext) -> worker_pb2.ListReplicasResponse:
+        return worker_pb2.ListReplicasResponse(
+            replicas=[self.status(r) for r in self.replicas.list(request.deployment)])
+
+    async def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        t0 = time.monotonic_ns()
+        first = True
+        try:
+            prepared, echo = engine_request(request)
+            async for event in self.replicas.generate(request.replica_id, prepared,
+                                                      request.adapter_digest):
+                out = worker_pb2.GenerateResponse(index=0)
+                if first:
+                    out.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
+                    out.text, first = echo, False
+                if isinstance(event, Finished):
+                    out.finish_reason = event.finish_reason
+                    u = event.usage
+                    out.usage.CopyFrom(inference_pb2.Usage(
+                        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                        total_tokens=u.prompt_tokens + u.completion_tokens))
+                else:
+                    out.text += event.text
+                yield out
+        except HANDLED as e:
+            await context.abort(status_code(e), str(e))
+
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
     """Add the worker role's services to its server."""
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        unimplemented_servicer(worker_pb2_grpc.WorkerServicer, worker_pb2.DESCRIPTOR, "Worker"),
-        server)
+    config = process.config
+    store = ContentStore(Path(config.data_dir) / "store")
+    replicas = ReplicaManager(store, config.worker_pull_from)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(replicas, config.node_name), server)
+
+    async def close_store() -> None:
+        store.close()
+
+    async def unload_replicas() -> None:
+        # Process.shutdown gives each callback max(grace, 1 s); engines still there at half of
+        # that are killed, so that none outlives clowderd.
+        await replicas.close(max(config.shutdown_grace_seconds, 1.0) / 2)
+
+    process.on_shutdown(close_store, "close the worker's store")
+    process.on_shutdown(unload_replicas, "unload the worker's replicas")  # runs first

@@ -1,0 +1,377 @@
+"""The worker role runs replicas of aimages on engine host processes (clowder.v1.Worker), tested
+against a real clowderd whose store holds tiny chat llamas built beforehand."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from clowder.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
+from clowderd.aimage.build import build
+from clowderd.aimage.clowderfile import load_clowderfile
+from clowderd.aimage.config import CONFIG_VERSION, canonical_json
+from clowderd.aimage.manifest import parse_manifest
+from clowderd.store.content import ContentStore
+from clowderd.store.images import ImageIndex
+from tests.clowderd_proc import ClowderdProcess, _default_config
+from tests.engine_fixtures import write_tiny_adapter, write_tiny_chat_llama
+
+S = common_pb2.ReplicaState
+LOAD_TIMEOUT = 60.0
+CPU_ENGINE = {"name": "transformers", "transformers": {"device": "cpu", "dtype": "float32"}}
+
+
+# -- images in a store ------------------------------------------------------------------------
+
+@dataclass
+class Image:
+    name: str
+    digest: str
+    adapters: dict[str, list[str]]  # EP name -> digests of its layers
+
+
+def build_chat_image(store_dir: Path, models: Path, name: str, *, seed: int = 0,
+                     adapter: str | None = None) -> Image:
+    """Build a tiny chat llama (with one LoRA EP layer when adapter names it) into the store."""
+    model = write_tiny_chat_llama(models / f"model-{seed}", seed=seed)
+    recipe = {"base": str(model), "config": {"engine": CPU_ENGINE}}
+    if adapter:
+        recipe["adapters"] = [{"name": adapter, "path": str(write_tiny_adapter(models / adapter, model, seed=1))}]
+    clowderfile = models / f"Clowderfile-{seed}"
+    clowderfile.write_text(json.dumps(recipe))  # JSON is YAML
+    store = ContentStore(store_dir)
+    try:
+        digest = build(store, load_clowderfile(clowderfile), name).manifest_digest
+        manifest = parse_manifest(ImageIndex(store).manifest_bytes(digest), name)
+        adapters = {ep: [d.digest for d in layers] for ep, layers in manifest.ep_layers.items()}
+    finally:
+        store.close()
+    return Image(name, digest, adapters)
+
+
+def with_configuration(store_dir: Path, image: Image, name: str, config: dict) -> Image:
+    """The image's manifest with another configuration, stored as is: the way an image pulled
+    from elsewhere could arrive, unchecked by this node's build."""
+    store = ContentStore(store_dir)
+    try:
+        index = ImageIndex(store)
+        doc = json.loads(index.manifest_bytes(image.digest))
+        blob = canonical_json(config)
+        doc["config"].update(digest=store.ingest_bytes(blob).info.digest, size=len(blob))
+        digest = index.add_manifest(json.dumps(doc).encode(), doc.get("artifactType", ""))
+        index.tag(name, digest)
+    finally:
+        store.close()
+    return Image(name, digest, image.adapters)
+
+
+# -- a worker ---------------------------------------------------------------------------------
+
+@dataclass
+class Worker:
+    proc: ClowderdProcess
+    stub: worker_pb2_grpc.WorkerStub
+    images: dict[str, Image]
+
+    @property
+    def views(self) -> Path:
+        return self.proc.data_dir / "store" / "views"
+
+    def load(self, replica_id: str, aimage: Image | None = None, **spec) -> common_pb2.ReplicaStatus:
+        """LoadReplica of aimage, or of the spec fields given (image, manifest_digest, sources)."""
+        if aimage is not None:
+            spec = {"image": aimage.name, "manifest_digest": aimage.digest, **spec}
+        spec = common_pb2.ReplicaSpec(replica_id=replica_id, deployment=replica_id.rsplit("-", 1)[0],
+                                      generation=1, **spec)
+        return self.stub.LoadReplica(worker_pb2.LoadReplicaRequest(spec=spec), timeout=10)
+
+    def status(self, replica_id: str) -> common_pb2.ReplicaStatus:
+        found = [r for r in self.stub.ListReplicas(worker_pb2.ListReplicasRequest(), timeout=10).replicas
+                 if r.replica_id == replica_id]
+        assert found, f"replica {replica_id} not listed"
+        return found[0]
+
+    def wait_state(self, replica_id: str, *states: int, timeout: float = LOAD_TIMEOUT) -> common_pb2.ReplicaStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(replica_id)
+            if status.state in states:
+                return status
+            if status.state in (S.REPLICA_STATE_FAILED, S.REPLICA_STATE_STOPPED) or time.monotonic() > deadline:
+                pytest.fail(f"replica {replica_id} is {S.Name(status.state)} ({status.message}), expected "
+                            f"{', '.join(S.Name(s) for s in states)}\n--- stderr ---\n{self.proc.stderr_text()}")
+            time.sleep(0.1)
+
+    def load_ready(self, replica_id: str, aimage: Image, **spec) -> int:
+        """Load the replica, wait until it is READY; returns its engine host's pid."""
+        self.load(replica_id, aimage, **spec)
+        return engine_pid(self.wait_state(replica_id, S.REPLICA_STATE_READY))
+
+    def unload(self, replica_id: str) -> common_pb2.ReplicaStatus:
+        return self.stub.UnloadReplica(worker_pb2.UnloadReplicaRequest(replica_id=replica_id), timeout=30)
+
+    def generate(self, replica_id: str, content: str = "Hello", **fields) -> list[worker_pb2.GenerateResponse]:
+        return list(self.stub.Generate(chat_request(replica_id, content, **fields), timeout=30))
+
+
+def chat_request(replica_id: str, content: str, *, adapter_digest: str = "", **sampling) -> worker_pb2.GenerateRequest:
+    sampling = {"temperature": 0.0, "max_tokens": 8, **sampling}
+    chat = inference_pb2.ChatCompletionRequest(
+        model="tiny", messages=[inference_pb2.ChatMessage(role="user", content=content)],
+        sampling=inference_pb2.SamplingParams(**sampling))
+    return worker_pb2.GenerateRequest(replica_id=replica_id, request_id=f"req-{time.monotonic_ns()}",
+                                      chat=chat, adapter_digest=adapter_digest)
+
+
+def engine_pid(status: common_pb2.ReplicaStatus) -> int:
+    m = re.search(r"\(pid (\d+)\)", status.message)
+    assert m, f"no engine pid in the READY message {status.message!r}"
+    return int(m.group(1))
+
+
+def engines_of(proc: ClowderdProcess) -> list[psutil.Process]:
+    """The engine host processes clowderd has running."""
+    return [p for p in psutil.Process(proc.pid).children()
+            if "clowderd.engines.host" in " ".join(p.cmdline())]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_for(condition, failure: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def text_of(responses: list[worker_pb2.GenerateResponse]) -> str:
+    return "".join(r.text for r in responses)
+
+
+def start_worker(workdir: Path, data_dir: Path) -> ClowderdProcess:
+    config = _default_config(workdir, ("worker",))
+    config["data_dir"] = str(data_dir)
+    proc = ClowderdProcess(workdir, config, ("worker",))
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """A worker whose store holds 'tiny-chat:v1' (with EP layer 'fr') and 'tiny-nosuch:v1' (the
+    same with an engine this node does not know)."""
+    workdir = tmp_path_factory.mktemp("worker")
+    store_dir = workdir / "data" / "store"
+    chat = build_chat_image(store_dir, tmp_path_factory.mktemp("models"), "tiny-chat:v1", adapter="fr")
+    nosuch = with_configuration(store_dir, chat, "tiny-nosuch:v1",
+                                {"version": CONFIG_VERSION, "engine": {"name": "nosuch"}})
+    proc = start_worker(workdir, workdir / "data")
+    yield Worker(proc, worker_pb2_grpc.WorkerStub(proc.channel("worker")), {"chat": chat, "nosuch": nosuch})
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def ready(worker):
+    """The id of a READY replica of tiny-chat:v1, shared by the generation tests."""
+    worker.load_ready("chat-0", worker.images["chat"])
+    return "chat-0"
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+def test_a_replica_loads_streams_a_generation_and_unloads_to_stopped(worker):
+    status = worker.load("life-0", worker.images["chat"])
+    assert status.state in (S.REPLICA_STATE_PENDING, S.REPLICA_STATE_LOADING)
+    status = worker.wait_state("life-0", S.REPLICA_STATE_READY)
+    assert (status.deployment, status.node_name, status.observed_generation) == ("life", "test-node", 1)
+    pid = engine_pid(status)
+    assert pid in [p.pid for p in engines_of(worker.proc)]
+    assert (worker.views / "life-0" / "model.safetensors").exists()
+
+    responses = worker.generate("life-0", max_tokens=6)
+    assert text_of(responses)
+    assert responses[0].HasField("queue_time")
+    last = responses[-1]
+    assert last.finish_reason in ("length", "stop")
+    assert last.usage.prompt_tokens > 0 and 0 < last.usage.completion_tokens <= 6
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert not any(r.finish_reason for r in responses[:-1])
+
+    stopped = worker.unload("life-0")
+    assert stopped.state == S.REPLICA_STATE_STOPPED
+    wait_for(lambda: gone(pid), f"engine host {pid} still running")
+    assert not (worker.views / "life-0").exists()
+    assert worker.status("life-0").state == S.REPLICA_STATE_STOPPED
+
+
+def test_load_replica_twice_keeps_the_one_replica_and_engine(worker, ready):
+    first = worker.status(ready)
+    again = worker.load(ready, worker.images["chat"])
+    assert again.state == S.REPLICA_STATE_READY
+    assert engine_pid(again) == engine_pid(first)
+    assert again.state_since == first.state_since
+    assert [r.replica_id for r in worker.stub.ListReplicas(
+        worker_pb2.ListReplicasRequest(deployment="chat")).replicas] == [ready]
+    assert [p.pid for p in engines_of(worker.proc) if f"/views/{ready}" in " ".join(p.cmdline())] \
+        == [engine_pid(first)]
+
+
+def test_an_image_not_in_the_store_without_sources_fails_naming_the_image(worker):
+    worker.load("missing-0", image="acme/absent:v9", manifest_digest="sha256:" + "0" * 64)
+    status = worker.wait_state("missing-0", S.REPLICA_STATE_FAILED)
+    assert "'acme/absent:v9'" in status.message and "no source" in status.message
+
+
+def test_a_source_the_pull_policy_refuses_is_named_in_the_failure(worker):
+    worker.load("refused-0", image="acme/absent:v9", manifest_digest="sha256:" + "0" * 64,
+                sources=["127.0.0.1:9"])
+    status = worker.wait_state("refused-0", S.REPLICA_STATE_FAILED)
+    assert "'acme/absent:v9'" in status.message
+    assert "127.0.0.1:9" in status.message and "pull_from" in status.message
+
+
+def test_an_unknown_engine_in_the_configuration_fails_naming_it(worker):
+    worker.load("nosuch-0", worker.images["nosuch"])
+    status = worker.wait_state("nosuch-0", S.REPLICA_STATE_FAILED)
+    assert "unknown engine 'nosuch'" in status.message
+    assert not (worker.views / "nosuch-0").exists()
+
+
+def test_unloading_a_replica_while_it_loads_stops_it_and_its_engine(worker):
+    worker.load("early-0", worker.images["chat"])
+    worker.wait_state("early-0", S.REPLICA_STATE_LOADING)
+    time.sleep(0.5)  # the engine host has started
+    assert worker.unload("early-0").state == S.REPLICA_STATE_STOPPED
+    assert not [p for p in engines_of(worker.proc) if "/views/early-0" in " ".join(p.cmdline())]
+    assert not (worker.views / "early-0").exists()
+
+
+def test_unknown_replica_is_not_found_for_unload_and_generate(worker):
+    with pytest.raises(grpc.RpcError) as e:
+        worker.unload("nobody-0")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nobody-0" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        worker.generate("nobody-0")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nobody-0" in e.value.details()
+
+
+def test_a_replica_id_that_cannot_name_a_view_is_invalid_argument(worker):
+    with pytest.raises(grpc.RpcError) as e:
+        worker.load("Bad/Id", worker.images["chat"])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'Bad/Id'" in e.value.details()
+
+
+# -- generation -------------------------------------------------------------------------------
+
+def test_generate_on_a_replica_not_ready_is_unavailable_with_its_state(worker):
+    worker.load("late-0", worker.images["nosuch"])
+    worker.wait_state("late-0", S.REPLICA_STATE_FAILED)
+    with pytest.raises(grpc.RpcError) as e:
+        worker.generate("late-0")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "FAILED" in e.value.details() and "nosuch" in e.value.details()
+
+
+def test_an_adapter_selected_by_digest_answers_differently_from_the_base(worker, ready):
+    fr = worker.images["chat"].adapters["fr"]
+    base = text_of(worker.generate(ready, "Bonjour", max_tokens=12))
+    for digest in fr:  # any layer of the EP layer selects it
+        assert text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=digest)) != base
+    assert text_of(worker.generate(ready, "Bonjour", max_tokens=12)) == base
+
+
+def test_an_adapter_digest_not_in_the_image_is_not_found(worker, ready):
+    with pytest.raises(grpc.RpcError) as e:
+        worker.generate(ready, adapter_digest="sha256:" + "1" * 64)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "sha256:" + "1" * 64 in e.value.details() and "fr (" in e.value.details()
+
+
+def test_an_engine_validation_error_is_invalid_argument_with_its_message(worker, ready):
+    with pytest.raises(grpc.RpcError) as e:
+        worker.generate(ready, temperature=-1.0)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
+
+
+def test_a_call_cancelled_by_its_client_ends_its_request_on_the_replica(worker, ready):
+    engine = psutil.Process(engine_pid(worker.status(ready)))
+    engine.suspend()  # the request stays open until the client cancels it
+    try:
+        call = worker.stub.Generate(chat_request(ready, "Hello"))
+        wait_for(lambda: worker.status(ready).in_flight == 1, "the request is not in flight")
+        call.cancel()
+        wait_for(lambda: worker.status(ready).in_flight == 0, "the cancelled request is still in flight")
+    finally:
+        engine.resume()
+    assert text_of(worker.generate(ready))  # the engine serves on
+
+
+def test_an_image_missing_locally_is_pulled_from_a_clowder_storage_node(worker, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("storage")
+    remote = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-remote:v1",
+                              seed=3)
+    config = _default_config(workdir, ("storage",))
+    storage = ClowderdProcess(workdir, config, ("storage",))
+    try:
+        storage.wait_ready()
+        worker.load("pulled-0", remote, sources=["clowder://127.0.0.1:9", f"clowder://{storage.addresses['storage']}"])
+        worker.wait_state("pulled-0", S.REPLICA_STATE_READY)
+        assert text_of(worker.generate("pulled-0"))
+        assert worker.unload("pulled-0").state == S.REPLICA_STATE_STOPPED
+    finally:
+        assert storage.stop() == 0
+
+
+# -- engine crashes and shutdown --------------------------------------------------------------
+
+def test_killing_the_engine_fails_the_replica_and_its_open_stream_with_the_exit_status(worker):
+    pid = worker.load_ready("crash-0", worker.images["chat"])
+    engine = psutil.Process(pid)
+    engine.suspend()  # the request below stays open in the engine until the kill
+    outcome: dict = {}
+
+    def stream():
+        try:
+            outcome["responses"] = worker.generate("crash-0")
+        except grpc.RpcError as e:
+            outcome["error"] = e
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.5)
+    engine.send_signal(signal.SIGKILL)
+    reader.join(15)
+    assert not reader.is_alive(), "the stream hangs after the engine died"
+    assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+    assert "SIGKILL" in outcome["error"].details()
+    status = worker.wait_state("crash-0", S.REPLICA_STATE_FAILED)
+    assert f"pid {pid}" in status.message and "status -9 (killed by SIGKILL)" in status.message
+    wait_for(lambda: not (worker.views / "crash-0").exists(), "the failed replica's view was not removed")
+    assert worker.unload("crash-0").state == S.REPLICA_STATE_STOPPED
+
+
+def test_sigterm_with_a_ready_replica_exits_0_and_leaves_no_engine(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("worker-sigterm")
+    chat = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
+    proc = start_worker(workdir, workdir / "data")
+    try:
+        w = Worker(proc, worker_pb2_grpc.WorkerStub(proc.channel("worker")), {})
+        pid = w.load_ready("term-0", chat)
+        assert proc.stop(signal.SIGTERM) == 0
+        assert gone(pid)
+        assert list(w.views.iterdir()) == []
+    finally:
+        proc.stop()
