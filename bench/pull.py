@@ -114,7 +114,6 @@ def main() -> None:
         print(f"generating {args.preset} and a variant in {work} ...", flush=True)
         base = modelgen.write_llama(work / "models" / "base", **PRESETS[args.preset])
         modelgen.write_variant(base, work / "models" / "variant", change_fraction=0.1)
-        weights = base / "model.safetensors"
         cfg = _default_config(work / "node-a", ("storage",))
         (work / "node-a").mkdir()
         node = ClowderdProcess(work / "node-a", cfg, ("storage",))

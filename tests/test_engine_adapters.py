@@ -6,7 +6,7 @@ import pytest
 from clowderd.engines.base import GenerateRequest
 from clowderd.engines.errors import AdapterError, InvalidRequest
 from tests import modelgen
-from tests.engine_fixtures import collect, rewrite_json, tiny_chat_llama, tiny_host, write_tiny_adapter  # noqa: F401
+from tests.engine_fixtures import collect, rewrite_json, write_tiny_adapter
 
 ASK = dict(prompt="hello there", max_tokens=16, temperature=0, ignore_eos=True)
 

@@ -5,7 +5,7 @@ import time
 from transformers import AutoTokenizer
 
 from clowderd.engines.base import GenerateRequest
-from tests.engine_fixtures import collect, tiny_chat_llama, tiny_host  # noqa: F401  (fixtures)
+from tests.engine_fixtures import collect
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

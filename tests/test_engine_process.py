@@ -13,7 +13,7 @@ import pytest
 from clowderd.engines.base import GenerateRequest
 from clowderd.engines.client import EngineClient
 from clowderd.engines.errors import EngineCrashed, EngineUnavailable, ModelLoadError
-from tests.engine_fixtures import LoopThread, running_host, tiny_chat_llama  # noqa: F401  (fixture)
+from tests.engine_fixtures import LoopThread, running_host
 
 
 def start(model_dir, engine="transformers"):

@@ -2,7 +2,7 @@
 import pytest
 
 from clowderd.engines.errors import InvalidRequest
-from tests.engine_fixtures import tiny_chat_llama, tiny_host  # noqa: F401  (fixtures)
+
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_host):

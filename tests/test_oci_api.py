@@ -5,8 +5,7 @@ import os
 
 import httpx
 
-from tests.oci_client import (digest_of, error_code, image_manifest, node_url, oci, oci_node,  # noqa: F401
-                              push_blob, push_image)
+from tests.oci_client import (digest_of, error_code, image_manifest, node_url, push_blob, push_image)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from clowderd.store.content import ContentStore
 from clowderd.storage.oci.errors import STATUS
-from tests.oci_client import digest_of, image_manifest, node_url, oci_node, push_blob  # noqa: F401
+from tests.oci_client import digest_of, image_manifest, node_url, push_blob
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 cases = {"count": 0}

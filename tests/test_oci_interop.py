@@ -15,7 +15,6 @@ from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from tests import modelgen
 from tests.oci_client import node_url, start_storage_node
-from tests.registry_proc import docker_registry  # noqa: F401  (fixture)
 
 SECRET = "interop-secret"
 

@@ -347,16 +347,6 @@ def _writeall(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _local_ids(store: ContentStore, ids: list[bytes]) -> set[bytes]:
-    """Which of ids this node's chunk map knows."""
-    found: set[bytes] = set()
-    for i in range(0, len(ids), 500):
-        batch = ids[i : i + 500]
-        marks = ",".join("?" * len(batch))
-        found.update(r[0] for r in store.db.execute(f"SELECT id FROM chunks WHERE id IN ({marks})", batch))
-    return found
-
-
 def _units(ids: list[bytes], sizes: dict[bytes, int]) -> list[list[bytes]]:
     units, cur, size = [], [], 0
     for cid in ids:
@@ -435,7 +425,7 @@ def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: P
         ids = list(asm.positions)
         sizes = {chunks[idxs[0]][2]: chunks[idxs[0]][1] for idxs in asm.positions.values()}
         missing = []
-        have = _local_ids(store, ids)
+        have = store.known_chunks(ids)
         for cid in ids:
             if not (cid in have and asm.put(cid, store.read_chunk(cid), "local")):
                 missing.append(cid)

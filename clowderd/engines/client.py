@@ -263,7 +263,7 @@ class EngineClient:
                 await asyncio.wait_for(self._tasks[1], 1.0)
             error = self._crash = EngineCrashed(
                 f"engine host {self.engine} (pid {self.proc.pid}) exited with {describe_status(status)}"
-                + (f"; last stderr lines:\n" + "\n".join(self.stderr_tail) if self.stderr_tail else ""),
+                + ("; last stderr lines:\n" + "\n".join(self.stderr_tail) if self.stderr_tail else ""),
                 exit_status=status, stderr_tail="\n".join(self.stderr_tail))
             log.error("%s", error)
         if not self._ready.done():

@@ -103,19 +103,8 @@ class RegistryServicer(_Unimplemented):
             chunks=[registry_pb2.Chunk(id=cid, offset=off, length=length) for off, length, cid in chunks])
 
     async def HasChunks(self, request, context):
-        known = self._locations(list(request.ids))
+        known = self.store.chunk_locations(request.ids)
         return registry_pb2.HasChunksResponse(present=[cid in known for cid in request.ids])
-
-    def _locations(self, ids: list[bytes]) -> dict[bytes, tuple[str, int, int]]:
-        found: dict[bytes, tuple[str, int, int]] = {}
-        for i in range(0, len(ids), 500):
-            batch = ids[i : i + 500]
-            marks = ",".join("?" * len(batch))
-            for cid, loc, off, length in self.store.db.execute(
-                f"SELECT id, location, offset, length FROM chunks WHERE id IN ({marks})", batch
-            ):
-                found[cid] = (loc, off, length)
-        return found
 
     def _fallback(self, blob_digest: str) -> tuple[Path, dict[bytes, int]] | None:
         """The hinted blob's own file and where each of its chunks lies in it, if it has one."""
@@ -133,7 +122,7 @@ class RegistryServicer(_Unimplemented):
         ids = list(request.ids)
         if len(ids) > MAX_IDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(ids)} chunk ids asked, at most {MAX_IDS} per call")
-        locations = self._locations(ids)
+        locations = self.store.chunk_locations(ids)
         for cid in ids:
             if cid not in locations:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"chunk {cid.hex()} is not on this node")

@@ -386,19 +386,29 @@ class ContentStore:
         if self.exists(digest):
             return IngestResult(self.info(digest), new=False, stored_bytes=0)
         ids = list({cid for _, _, cid in chunks})
-        known = self._known_chunks(ids)
+        known = self.known_chunks(ids)
         known_bytes = sum(length for _, length, cid in chunks if cid in known)
         if size and known_bytes >= DEDUP_MIN_SHARE * size:
             return self._commit_chunked(tmp, digest, size, chunks, known)
         return self._commit_file(tmp, digest, size, chunks)
 
-    def _known_chunks(self, ids: list[bytes]) -> set[bytes]:
-        known: set[bytes] = set()
-        for i in range(0, len(ids), 500):
+    def chunk_locations(self, ids: Sequence[bytes]) -> dict[bytes, tuple[str, int, int]]:
+        """Where the chunk map says each of ids is stored: (location, offset, length), for the
+        ids this node has."""
+        found: dict[bytes, tuple[str, int, int]] = {}
+        ids = list(ids)
+        for i in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
             batch = ids[i : i + 500]
             marks = ",".join("?" * len(batch))
-            known.update(r[0] for r in self.db.execute(f"SELECT id FROM chunks WHERE id IN ({marks})", batch))
-        return known
+            for cid, location, offset, length in self.db.execute(
+                f"SELECT id, location, offset, length FROM chunks WHERE id IN ({marks})", batch
+            ):
+                found[cid] = (location, offset, length)
+        return found
+
+    def known_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Which of ids this node's chunk map has."""
+        return set(self.chunk_locations(ids))
 
     def _commit_file(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
         hexpart = parse_digest(digest)
