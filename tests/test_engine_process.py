@@ -131,3 +131,26 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_killing_a_host_that_is_still_loading_ends_the_start_at_once(tiny_chat_llama):
+    import asyncio
+
+    from clowderd.engines.errors import EngineError
+
+    async def start_then_kill():
+        client = EngineClient("transformers", tiny_chat_llama)
+        starting = asyncio.create_task(client.start())
+        while client.proc is None:
+            await asyncio.sleep(0.01)
+        await client.kill()
+        t = time.monotonic()
+        with pytest.raises(EngineError, match="stopped before it had loaded"):
+            await starting
+        return time.monotonic() - t
+
+    loop = LoopThread()
+    try:
+        assert loop.run(start_then_kill()) < 5.0
+    finally:
+        loop.close()

@@ -146,6 +146,8 @@ class EngineClient:
             return False
 
     async def _cleanup(self) -> None:
+        if self._ready is not None and not self._ready.done():  # a start() still waiting: wake it
+            self._ready.set_exception(EngineError(f"engine host {self.engine} was stopped before it had loaded"))
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
