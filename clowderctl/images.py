@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def _ago(ts: float) -> str:
 
 
 def _run_build(ctx: StoreContext, cf, tag: str, quiet: bool) -> BuildResult:
+    # A GGUF conversion runs transformers, whose tqdm bars would mix with ours.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     if quiet:
         return build(ctx.store, cf, tag)
     with Progress(
