@@ -24,7 +24,7 @@ print("done", flush=True)
 def test_killing_an_ingest_at_any_moment_leaves_no_partial_blob(tmp_path):
     sources = []
     for i in range(3):
-        data = os.urandom(48 << 20)
+        data = os.urandom(64 << 20)
         (tmp_path / f"src{i}").write_bytes(data)
         sources.append(str(tmp_path / f"src{i}"))
     root = tmp_path / "store"
@@ -34,7 +34,7 @@ def test_killing_an_ingest_at_any_moment_leaves_no_partial_blob(tmp_path):
     for attempt in range(8):
         proc = subprocess.Popen([sys.executable, "-c", INGEST, str(root), *sources], stdout=subprocess.PIPE, env=env)
         assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         store = ContentStore(root)
