@@ -264,3 +264,21 @@ def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_on
     assert os.pread(fd, off, 0) == b"".join(layout)
     assert asm.stats.fetched_bytes == len(a) + len(c) + len(b) and asm.stats.local_bytes == len(a) + len(b)
     os.close(fd)
+
+
+def test_a_node_lists_its_repositories_and_their_tags(nodes, tiny_llama):
+    import grpc
+
+    from clowder.v1 import registry_pb2, registry_pb2_grpc
+
+    src, _ = nodes
+    build_into(src.data_dir, tiny_llama, "team/tiny:v1")
+    build_into(src.data_dir, tiny_llama, "team/tiny:v2")
+    with grpc.insecure_channel(src.addresses["storage"]) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        assert list(stub.ListRepositories(registry_pb2.ListRepositoriesRequest()).repositories) == ["team/tiny"]
+        tags = stub.ListTags(registry_pb2.ListTagsRequest(repository="team/tiny")).tags
+        assert sorted(tags) == ["v1", "v2"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListTags(registry_pb2.ListTagsRequest(repository="nothere"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

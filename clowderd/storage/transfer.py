@@ -63,7 +63,7 @@ class RegistryServicer(_Unimplemented):
         return registry_pb2.ListRepositoriesResponse(repositories=repos)
 
     async def ListTags(self, request, context):
-        tags = [tag for repo, tag in map(_split_name, self._tag_names()) if repo == request.repository]
+        tags = self.index.repository_tags(request.repository)
         if not tags:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"repository {request.repository!r} is not on this node")
         return registry_pb2.ListTagsResponse(tags=tags)

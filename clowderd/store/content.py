@@ -259,9 +259,7 @@ class ContentStore:
         """Store a file that the store itself wrote under tmp_dir or partial_dir (an upload, a
         conversion, an assembled pull) by moving it in rather than copying it: no second copy on
         disk. The file is consumed whether or not the ingest succeeds."""
-        path = Path(path)
-        if not any(path.resolve().is_relative_to(d.resolve()) for d in (self.tmp_dir, self.partial_dir)):
-            raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
+        path = self._own_file(path)
         with self.shared_lock():
             try:
                 return self._ingest_file(path, cuts, expected_digest, move=True)
@@ -281,9 +279,7 @@ class ContentStore:
         store still checks what is cheap: that sha256 is digest's, that the chunks tile the file
         from 0 to its size, and the BLAKE3 of a few chunks (first, last, some between), so a
         caller handing the wrong file or list is caught. The file is consumed either way."""
-        path = Path(path)
-        if not any(path.resolve().is_relative_to(d.resolve()) for d in (self.tmp_dir, self.partial_dir)):
-            raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
+        path = self._own_file(path)
         with self.shared_lock():
             try:
                 parse_digest(digest)
@@ -310,6 +306,13 @@ class ContentStore:
                 return self._commit(path, digest, size, chunks)
             finally:
                 path.unlink(missing_ok=True)
+
+    def _own_file(self, path: Path) -> Path:
+        """path, if the store itself wrote it (under tmp_dir or partial_dir) and may move it in."""
+        path = Path(path)
+        if not any(path.resolve().is_relative_to(d.resolve()) for d in (self.tmp_dir, self.partial_dir)):
+            raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
+        return path
 
     def temp_file(self, suffix: str) -> Path:
         """A fresh path under tmp_dir for a file to be handed to ingest_temp_file."""
