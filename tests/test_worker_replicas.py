@@ -39,13 +39,16 @@ class Image:
 
 
 def build_chat_image(store_dir: Path, models: Path, name: str, *, seed: int = 0,
-                     adapter: str | None = None) -> Image:
+                     adapter: str | None = None, adapter_seed: int = 1) -> Image:
     """Build a tiny chat llama (with one LoRA EP layer when adapter names it) into the store."""
-    model = write_tiny_chat_llama(models / f"model-{seed}", seed=seed)
+    model = models / f"model-{seed}"
+    if not model.exists():
+        write_tiny_chat_llama(model, seed=seed)
     recipe = {"base": str(model), "config": {"engine": CPU_ENGINE}}
     if adapter:
-        recipe["adapters"] = [{"name": adapter, "path": str(write_tiny_adapter(models / adapter, model, seed=1))}]
-    clowderfile = models / f"Clowderfile-{seed}"
+        path = write_tiny_adapter(models / f"{adapter}-{seed}-{adapter_seed}", model, seed=adapter_seed)
+        recipe["adapters"] = [{"name": adapter, "path": str(path)}]
+    clowderfile = models / f"Clowderfile-{name.replace(':', '-')}"
     clowderfile.write_text(json.dumps(recipe))  # JSON is YAML
     store = ContentStore(store_dir)
     try:
@@ -171,15 +174,27 @@ def start_worker(workdir: Path, data_dir: Path) -> ClowderdProcess:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    """A worker whose store holds 'tiny-chat:v1' (with EP layer 'fr') and 'tiny-nosuch:v1' (the
-    same with an engine this node does not know)."""
+    """A worker whose store holds 'tiny-chat:v1' (with EP layer 'fr'), 'tiny-nosuch:v1' (the same with
+    an engine this node does not know), 'tiny-solo:v1' (a base of its own, for tests that stop or kill
+    its engine host), and three images on one more base: 'tiny-share-a:v1' and 'tiny-share-b:v1' with
+    different EP layers both named 'fr', and 'tiny-share-f16:v1', tiny-share-a with other engine
+    parameters."""
     workdir = tmp_path_factory.mktemp("worker")
     store_dir = workdir / "data" / "store"
-    chat = build_chat_image(store_dir, tmp_path_factory.mktemp("models"), "tiny-chat:v1", adapter="fr")
+    models = tmp_path_factory.mktemp("models")
+    chat = build_chat_image(store_dir, models, "tiny-chat:v1", adapter="fr")
     nosuch = with_configuration(store_dir, chat, "tiny-nosuch:v1",
                                 {"version": CONFIG_VERSION, "engine": {"name": "nosuch"}})
+    share_a = build_chat_image(store_dir, models, "tiny-share-a:v1", seed=3, adapter="fr", adapter_seed=1)
+    f16_engine = {"name": "transformers", "transformers": {"device": "cpu", "dtype": "bfloat16"}}
+    images = {"chat": chat, "nosuch": nosuch,
+              "solo": build_chat_image(store_dir, models, "tiny-solo:v1", seed=2),
+              "share-a": share_a,
+              "share-b": build_chat_image(store_dir, models, "tiny-share-b:v1", seed=3, adapter="fr", adapter_seed=2),
+              "share-f16": with_configuration(store_dir, share_a, "tiny-share-f16:v1",
+                                              {"version": CONFIG_VERSION, "engine": f16_engine})}
     proc = start_worker(workdir, workdir / "data")
-    yield Worker(proc, worker_pb2_grpc.WorkerStub(proc.channel("worker")), {"chat": chat, "nosuch": nosuch})
+    yield Worker(proc, worker_pb2_grpc.WorkerStub(proc.channel("worker")), images)
     assert proc.stop() == 0
 
 
@@ -219,14 +234,14 @@ def test_a_replica_loads_streams_a_generation_and_unloads_to_stopped(worker):
 
 def test_load_replica_twice_keeps_the_one_replica_and_engine(worker, ready):
     first = worker.status(ready)
+    engines = sorted(p.pid for p in engines_of(worker.proc))
     again = worker.load(ready, worker.images["chat"])
     assert again.state == S.REPLICA_STATE_READY
     assert engine_pid(again) == engine_pid(first)
     assert again.state_since == first.state_since
     assert [r.replica_id for r in worker.stub.ListReplicas(
         worker_pb2.ListReplicasRequest(deployment="chat")).replicas] == [ready]
-    assert [p.pid for p in engines_of(worker.proc) if f"/views/{ready}" in " ".join(p.cmdline())] \
-        == [engine_pid(first)]
+    assert sorted(p.pid for p in engines_of(worker.proc)) == engines
 
 
 def test_an_image_not_in_the_store_without_sources_fails_naming_the_image(worker):
@@ -251,12 +266,14 @@ def test_an_unknown_engine_in_the_configuration_fails_naming_it(worker):
 
 
 def test_unloading_a_replica_while_it_loads_stops_it_and_its_engine(worker):
-    worker.load("early-0", worker.images["chat"])
+    engines = {p.pid for p in engines_of(worker.proc)}
+    worker.load("early-0", worker.images["solo"])
     worker.wait_state("early-0", S.REPLICA_STATE_LOADING)
-    time.sleep(0.5)  # the engine host has started
+    wait_for(lambda: {p.pid for p in engines_of(worker.proc)} - engines, "no engine host started")
     assert worker.unload("early-0").state == S.REPLICA_STATE_STOPPED
-    assert not [p for p in engines_of(worker.proc) if "/views/early-0" in " ".join(p.cmdline())]
+    wait_for(lambda: {p.pid for p in engines_of(worker.proc)} == engines, "the loading engine host is still running")
     assert not (worker.views / "early-0").exists()
+    assert len(list(worker.views.glob("base-*"))) == len(engines)  # one base view per engine host
 
 
 def test_unknown_replica_is_not_found_for_unload_and_generate(worker):
@@ -335,10 +352,45 @@ def test_an_image_missing_locally_is_pulled_from_a_clowder_storage_node(worker, 
         assert storage.stop() == 0
 
 
+
+# -- one engine host per base -----------------------------------------------------------------
+
+def test_aimages_sharing_a_base_share_one_engine_host_each_with_its_own_ep_layer(worker):
+    a = worker.load_ready("share-a-0", worker.images["share-a"])
+    b = worker.load_ready("share-b-0", worker.images["share-b"])
+    assert a == b
+    assert "its base shared with 'share-a-0'" in worker.status("share-b-0").message
+    # The weights' digests: both EP layers have the same adapter_config.json.
+    fr_a, fr_b = (next(d for d in worker.images[image].adapters["fr"] if d not in worker.images[other].adapters["fr"])
+                  for image, other in (("share-a", "share-b"), ("share-b", "share-a")))
+    base = text_of(worker.generate("share-a-0", "Bonjour", max_tokens=12))
+    assert text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12)) == base
+    answer_a = text_of(worker.generate("share-a-0", "Bonjour", max_tokens=12, adapter_digest=fr_a))
+    answer_b = text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12, adapter_digest=fr_b))
+    assert len({base, answer_a, answer_b}) == 3, "both EP layers are named 'fr' but differ"
+    with pytest.raises(grpc.RpcError) as e:  # one aimage's EP layer is not reachable through the other
+        worker.generate("share-a-0", adapter_digest=fr_b)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    assert worker.unload("share-a-0").state == S.REPLICA_STATE_STOPPED
+    assert not gone(a)
+    assert text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12, adapter_digest=fr_b)) == answer_b
+    assert worker.unload("share-b-0").state == S.REPLICA_STATE_STOPPED
+    wait_for(lambda: gone(a), f"engine host {a} still running after its last replica left")
+
+
+def test_the_same_base_with_other_engine_parameters_gets_an_engine_host_of_its_own(worker):
+    a = worker.load_ready("own-a-0", worker.images["share-a"])
+    f16 = worker.load_ready("own-f16-0", worker.images["share-f16"])
+    assert a != f16 and "shared" not in worker.status("own-f16-0").message
+    for replica_id, pid in (("own-a-0", a), ("own-f16-0", f16)):
+        assert worker.unload(replica_id).state == S.REPLICA_STATE_STOPPED
+        wait_for(lambda: gone(pid), f"engine host {pid} still running")
+
 # -- engine crashes and shutdown --------------------------------------------------------------
 
 def test_killing_the_engine_fails_the_replica_and_its_open_stream_with_the_exit_status(worker):
-    pid = worker.load_ready("crash-0", worker.images["chat"])
+    pid = worker.load_ready("crash-0", worker.images["solo"])
     engine = psutil.Process(pid)
     engine.suspend()  # the request below stays open in the engine until the kill
     outcome: dict = {}

@@ -7,9 +7,10 @@ States (clowder.v1.ReplicaState):
     any state -> FAILED (the reason in `message`; the engine is gone and the view removed)
     FAILED -> STOPPED (UnloadReplica)
 
-Each replica has one task that owns its engine client and its model view from first to last: it
-pulls, builds the view (named after the replica), starts the engine, serves until the engine exits
-or a stop is asked for, and then unloads the engine and removes the view, whatever happened.
+Each replica has one task that owns its place on an engine host and its model view from first to
+last: it pulls, builds the view (named after the replica), joins the engine host of its base (started
+for it when no other replica has that base loaded, see engines.py) with its EP layers, serves until the
+engine exits or a stop is asked for, and then leaves the host and removes the view, whatever happened.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +33,7 @@ from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from clowderd.store.views import ViewManager
 from clowderd.worker import images
+from clowderd.worker.engines import BaseKey, EnginePool, EpLayer, SharedEngine
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ class Replica:
         self.message = ""
         self.since_ns = time.time_ns()
         self.in_flight = 0
-        self.client: EngineClient | None = None
+        self.engine: SharedEngine | None = None  # the engine host it has joined
         self.view: str | None = None  # the view's name while it exists
         self.adapters: dict[str, str] = {}  # EP layer digest (each of its files) -> EP name
+        self.engine_adapters: dict[str, str] = {}  # EP name -> the adapter's name in the engine host
         self.task: asyncio.Task | None = None
         self.stopping = False
         self.stop_requested = asyncio.Event()
@@ -75,6 +77,10 @@ class Replica:
     def id(self) -> str:
         return self.spec.replica_id
 
+    @property
+    def client(self) -> EngineClient | None:
+        return None if self.engine is None else self.engine.client
+
     def set_state(self, state: int, message: str = "") -> None:
         changed = state != self.state
         self.state, self.message, self.since_ns = state, message, time.time_ns()
@@ -82,7 +88,8 @@ class Replica:
             log.info("replica state", extra={"replica": self.id, "state": state_name(state), "reason": message})
 
     def adapter_name(self, digest: str) -> str | None:
-        """The EP layer that digest selects; None (the base model) for an empty digest."""
+        """The engine's name for the EP layer that digest selects; None (the base model) for an empty
+        digest."""
         if not digest:
             return None
         name = self.adapters.get(digest)
@@ -90,7 +97,7 @@ class Replica:
             have = ", ".join(f"{n} ({d})" for d, n in sorted(self.adapters.items(), key=lambda x: x[1]))
             raise NotFound(f"adapter {digest} is not an EP layer of replica {self.id!r} "
                            f"({describe_image(self)}); its EP layers: {have or 'none'}")
-        return name
+        return self.engine_adapters[name]
 
     async def set_in_flight(self, delta: int) -> None:
         async with self.idle:
@@ -135,6 +142,7 @@ class ReplicaManager:
         self.store = store
         self.pull_from = pull_from
         self.views = ViewManager(store, ImageIndex(store))
+        self.engines = EnginePool(self.views)
         self.replicas: dict[str, Replica] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -182,15 +190,10 @@ class ReplicaManager:
             if not await replica.drained(grace):
                 log.warning("unloading with requests in flight", extra={
                     "replica": replica.id, "in_flight": replica.in_flight, "grace_seconds": grace})
-        elif replica.state in (S.REPLICA_STATE_PENDING, S.REPLICA_STATE_PULLING) \
-                or replica.state == S.REPLICA_STATE_LOADING and replica.client is not None:
+        elif replica.state in (S.REPLICA_STATE_PENDING, S.REPLICA_STATE_PULLING, S.REPLICA_STATE_LOADING):
             # Not serving yet: stop at once. A pull runs on in its thread and leaves only blobs
-            # behind; an engine host still loading is killed (its cancelled start waits for that).
+            # behind; an engine host still loading for this replica alone is killed.
             replica.task.cancel()
-            client = replica.client
-            if client is not None and client.proc is not None and client.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    client.proc.kill()
         replica.stop_requested.set()
         with contextlib.suppress(asyncio.CancelledError):
             await replica.task
@@ -233,15 +236,15 @@ class ReplicaManager:
         replica.view = replica.id
         if replica.stopping:
             return
-        engine, params, adapters = self._read_view(replica, view)
-        env = None
-        if spec.gpu_uuids:
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
-        replica.client = EngineClient(engine, view, params=params, adapters=adapters, env=env)
-        await replica.client.start(timeout=ENGINE_START_TIMEOUT_S)
+        key, ep_layers = self._read_view(replica, view)
+        shared = await self.engines.acquire(replica.id, key, digest, timeout=ENGINE_START_TIMEOUT_S)
+        replica.engine = shared
+        replica.engine_adapters = await shared.attach(replica.id, ep_layers)
         if not replica.stopping:
-            replica.set_state(S.REPLICA_STATE_READY,
-                              f"engine {engine} serving {describe_image(replica)} (pid {replica.client.pid})")
+            others = sorted(shared.users - {replica.id})
+            sharing = f", its base shared with {', '.join(map(repr, others))}" if others else ""
+            replica.set_state(S.REPLICA_STATE_READY, f"engine {key.engine} serving {describe_image(replica)} "
+                                                     f"(pid {replica.client.pid}){sharing}")
 
     def _create_view(self, name: str, digest: str) -> Path:
         # A view of this name can only be left over from a clowderd that did not shut down
@@ -251,9 +254,9 @@ class ReplicaManager:
         return self.views.create(name, digest)
 
     @staticmethod
-    def _read_view(replica: Replica, view: Path) -> tuple[str, dict, dict[str, Path]]:
-        """The engine name and its parameters from the aimage configuration, the EP layers as
-        adapters (name -> directory), and the digests that select each EP layer."""
+    def _read_view(replica: Replica, view: Path) -> tuple[BaseKey, list[EpLayer]]:
+        """What the replica's engine host must be (the base, and the engine and its parameters from the
+        aimage configuration), its EP layers, and the digests that select each EP layer."""
         where = f"{describe_image(replica)}: configuration"
         config = json.loads((view / "clowder" / "config.json").read_bytes())
         section = config.get("engine") or {}
@@ -264,22 +267,20 @@ class ReplicaManager:
         if not isinstance(params, dict):
             raise InvalidInput(f"{where}: engine.{engine} must be an object")
         manifest = parse_manifest((view / "clowder" / "manifest.json").read_bytes(), describe_image(replica))
-        adapters = {}
+        ep_layers = []
         for name, layers in manifest.ep_layers.items():
-            adapters[name] = view / "adapters" / name
+            ep_layers.append(EpLayer(name, view / "adapters" / name, tuple(sorted(d.digest for d in layers))))
             replica.adapters.update((d.digest, name) for d in layers)
-        return engine, params, adapters
+        key = BaseKey.of(manifest.model_digest, engine, params, replica.spec.gpu_uuids)
+        return key, ep_layers
 
     async def _release(self, replica: Replica) -> None:
-        """Unload the engine (kill it if it does not go in time) and remove the view."""
-        client, replica.client = replica.client, None
-        if client is not None and client.proc is not None:
-            if client.ready_info is not None and client.returncode is None:
-                await client.unload(timeout=replica.unload_timeout)
-            else:
-                await client.kill()
-            log.info("engine stopped", extra={"replica": replica.id, "pid": client.pid,
-                                              "exit_status": client.returncode})
+        """Leave the engine host (the last replica on it unloads it, or kills it when it does not go in
+        time) and remove the view."""
+        shared, replica.engine = replica.engine, None
+        if shared is not None:
+            await shared.detach(replica.id)
+            await self.engines.release(replica.id, shared, timeout=replica.unload_timeout)
         if replica.view is not None:
             await asyncio.to_thread(self.views.remove, replica.view)
             replica.view = None
