@@ -1,6 +1,6 @@
 """Engine host vs bare transformers, on this machine.
 
-    python bench/engine.py [--tokens 128] [--concurrent-tokens 64]
+    python bench/engine.py [--tokens 128] [--concurrent-tokens 64] [--device cpu|cuda] [--dtype bfloat16]
 
 (a) load: from spawning the engine host to its `ready`, vs a fresh Python process that imports
     transformers and runs a bare from_pretrained (model and tokenizer) on the same files.
@@ -31,7 +31,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 BARE_LOAD = """
 import sys, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-AutoTokenizer.from_pretrained(sys.argv[1]); AutoModelForCausalLM.from_pretrained(sys.argv[1])
+AutoTokenizer.from_pretrained(sys.argv[1])
+AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[2], device_map=sys.argv[3])
 print("loaded", flush=True)
 """
 
@@ -51,9 +52,10 @@ def prepare_model(workdir: Path) -> tuple[Path, str]:
     return convert_gguf(gguf, workdir / "smollm2"), "SmolLM2-135M-Instruct (demo model, bf16)"
 
 
-def bare_load_seconds(model: Path) -> float:
+def bare_load_seconds(model: Path, params: dict) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_LOAD, str(model)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", BARE_LOAD, str(model), params["dtype"], params["device"]],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - t0
@@ -62,8 +64,8 @@ def bare_load_seconds(model: Path) -> float:
     return elapsed
 
 
-async def engine_load_seconds(model: Path) -> float:
-    client = EngineClient("transformers", model)
+async def engine_load_seconds(model: Path, params: dict) -> float:
+    client = EngineClient("transformers", model, params=params)
     t0 = time.perf_counter()
     await client.start()
     elapsed = time.perf_counter() - t0
@@ -82,7 +84,7 @@ async def stream(client: EngineClient, max_tokens: int) -> int:
 def bare_generate(model, tokenizer, max_tokens: int) -> int:
     import torch
     text = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
@@ -98,7 +100,10 @@ async def main() -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per request for (b)")
     p.add_argument("--concurrent-tokens", type=int, default=64, help="tokens per request for (c)")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs for (a) and (b)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for the engine and the bare calls alike")
+    p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
+    params = {"device": args.device, "dtype": args.dtype}
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -106,18 +111,19 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="clowder-bench-engine-") as tmp:
         model_dir, what = prepare_model(Path(tmp))
-        print(f"model: {what}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} cpus", flush=True)
+        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+        print(f"model: {what}; torch {torch.__version__}, {args.device} ({where}), {args.dtype}", flush=True)
 
         bare_load = engine_load = float("inf")
         for _ in range(args.repeats):  # alternate, so page cache and CPU noise hit both alike
-            bare_load = min(bare_load, bare_load_seconds(model_dir))
-            engine_load = min(engine_load, await engine_load_seconds(model_dir))
+            bare_load = min(bare_load, bare_load_seconds(model_dir, params))
+            engine_load = min(engine_load, await engine_load_seconds(model_dir, params))
         print(f"(a) load to ready: engine host {engine_load:.2f} s, bare from_pretrained {bare_load:.2f} s")
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        bare = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        async with EngineClient("transformers", model_dir) as client:
+        bare = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.dtype, device_map=args.device).eval()
+        async with EngineClient("transformers", model_dir, params=params) as client:
             bare_generate(bare, tokenizer, 4)  # warm-up
             await stream(client, 4)
             bare_tps = engine_tps = 0.0
