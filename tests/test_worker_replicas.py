@@ -36,6 +36,7 @@ class Image:
     name: str
     digest: str
     adapters: dict[str, list[str]]  # EP name -> digests of its layers
+    model_digest: str  # selects the base model alone
 
 
 def build_chat_image(store_dir: Path, models: Path, name: str, *, seed: int = 0,
@@ -57,7 +58,7 @@ def build_chat_image(store_dir: Path, models: Path, name: str, *, seed: int = 0,
         adapters = {ep: [d.digest for d in layers] for ep, layers in manifest.ep_layers.items()}
     finally:
         store.close()
-    return Image(name, digest, adapters)
+    return Image(name, digest, adapters, manifest.model_digest)
 
 
 def with_configuration(store_dir: Path, image: Image, name: str, config: dict) -> Image:
@@ -73,7 +74,7 @@ def with_configuration(store_dir: Path, image: Image, name: str, config: dict) -
         index.tag(name, digest)
     finally:
         store.close()
-    return Image(name, digest, image.adapters)
+    return Image(name, digest, image.adapters, image.model_digest)
 
 
 # -- a worker ---------------------------------------------------------------------------------
@@ -303,11 +304,18 @@ def test_generate_on_a_replica_not_ready_is_unavailable_with_its_state(worker):
 
 
 def test_an_adapter_selected_by_digest_answers_differently_from_the_base(worker, ready):
-    fr = worker.images["chat"].adapters["fr"]
-    base = text_of(worker.generate(ready, "Bonjour", max_tokens=12))
-    for digest in fr:  # any layer of the EP layer selects it
+    image = worker.images["chat"]
+    base = text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=image.model_digest))
+    for digest in image.adapters["fr"]:  # any layer of the EP layer selects it
         assert text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=digest)) != base
-    assert text_of(worker.generate(ready, "Bonjour", max_tokens=12)) == base
+    assert text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=image.model_digest)) == base
+
+
+def test_an_aimage_with_one_ep_layer_answers_through_it_unless_the_base_is_asked_for(worker, ready):
+    image = worker.images["chat"]
+    fr = text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=image.adapters["fr"][0]))
+    assert text_of(worker.generate(ready, "Bonjour", max_tokens=12)) == fr
+    assert text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=image.model_digest)) != fr
 
 
 def test_an_adapter_digest_not_in_the_image_is_not_found(worker, ready):
@@ -363,8 +371,10 @@ def test_aimages_sharing_a_base_share_one_engine_host_each_with_its_own_ep_layer
     # The weights' digests: both EP layers have the same adapter_config.json.
     fr_a, fr_b = (next(d for d in worker.images[image].adapters["fr"] if d not in worker.images[other].adapters["fr"])
                   for image, other in (("share-a", "share-b"), ("share-b", "share-a")))
-    base = text_of(worker.generate("share-a-0", "Bonjour", max_tokens=12))
-    assert text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12)) == base
+    model = worker.images["share-a"].model_digest
+    assert model == worker.images["share-b"].model_digest
+    base = text_of(worker.generate("share-a-0", "Bonjour", max_tokens=12, adapter_digest=model))
+    assert text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12, adapter_digest=model)) == base
     answer_a = text_of(worker.generate("share-a-0", "Bonjour", max_tokens=12, adapter_digest=fr_a))
     answer_b = text_of(worker.generate("share-b-0", "Bonjour", max_tokens=12, adapter_digest=fr_b))
     assert len({base, answer_a, answer_b}) == 3, "both EP layers are named 'fr' but differ"

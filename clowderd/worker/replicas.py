@@ -65,6 +65,7 @@ class Replica:
         self.engine: SharedEngine | None = None  # the engine host it has joined
         self.view: str | None = None  # the view's name while it exists
         self.adapters: dict[str, str] = {}  # EP layer digest (each of its files) -> EP name
+        self.model_digest = ""  # selects the base model alone
         self.engine_adapters: dict[str, str] = {}  # EP name -> the adapter's name in the engine host
         self.task: asyncio.Task | None = None
         self.stopping = False
@@ -88,15 +89,19 @@ class Replica:
             log.info("replica state", extra={"replica": self.id, "state": state_name(state), "reason": message})
 
     def adapter_name(self, digest: str) -> str | None:
-        """The engine's name for the EP layer that digest selects; None (the base model) for an empty
-        digest."""
+        """The engine's name for the EP layer that `digest` (any of its layers' digests) selects; None
+        (the base model) for the model digest. An empty digest asks for the aimage as it is: its EP
+        layer when it has exactly one, else the base model."""
         if not digest:
+            return next(iter(self.engine_adapters.values())) if len(self.engine_adapters) == 1 else None
+        if digest == self.model_digest:
             return None
         name = self.adapters.get(digest)
         if name is None:
             have = ", ".join(f"{n} ({d})" for d, n in sorted(self.adapters.items(), key=lambda x: x[1]))
-            raise NotFound(f"adapter {digest} is not an EP layer of replica {self.id!r} "
-                           f"({describe_image(self)}); its EP layers: {have or 'none'}")
+            raise NotFound(f"adapter {digest} is neither an EP layer of replica {self.id!r} "
+                           f"({describe_image(self)}) nor its base model ({self.model_digest}); its EP layers: "
+                           f"{have or 'none'}")
         return self.engine_adapters[name]
 
     async def set_in_flight(self, delta: int) -> None:
@@ -271,6 +276,7 @@ class ReplicaManager:
         for name, layers in manifest.ep_layers.items():
             ep_layers.append(EpLayer(name, view / "adapters" / name, tuple(sorted(d.digest for d in layers))))
             replica.adapters.update((d.digest, name) for d in layers)
+        replica.model_digest = manifest.model_digest
         key = BaseKey.of(manifest.model_digest, engine, params, replica.spec.gpu_uuids)
         return key, ep_layers
 
