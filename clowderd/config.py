@@ -34,6 +34,13 @@ The file (TOML, read with tomllib)::
     [lb]
     listen = "127.0.0.1:7073"
     controller = "127.0.0.1:7070"
+    http_listen = "127.0.0.1:7080"   # OpenAI-compatible HTTP API; "" turns it off
+    tls_cert = "/etc/clowder/lb.crt"   # both or neither: HTTPS instead of HTTP
+    tls_key = "/etc/clowder/lb.key"
+    max_body_bytes = 4194304         # larger requests are answered 413
+    keys_file = "/etc/clowder/lb-keys.toml"   # API keys (clowderctl apikey create); without it: no auth
+    requests_per_minute = 600        # per caller, unless the keys file gives the user a limit
+    middleware = ["acme-guard"]      # installed middleware (entry points), before the built-ins
 """
 from __future__ import annotations
 
@@ -113,6 +120,22 @@ class RegistryHTTPConfig:
     anonymous_read: bool = False  # with tokens_file: whether clients without a token may read
 
 
+# The lb role's OpenAI-compatible HTTP API (clowderd.lb.openai_http).
+DEFAULT_LB_HTTP_PORT = 7080
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass
+class LbHTTPConfig:
+    listen: Address | None  # None: the HTTP API is off
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    keys_file: str | None = None  # None: callers are not authenticated
+    requests_per_minute: int | None = None
+    middleware: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Config:
     data_dir: str = DEFAULT_DATA_DIR
@@ -128,6 +151,7 @@ class Config:
     worker_pull_from: str = "local-storage"
     registry_http: RegistryHTTPConfig = field(
         default_factory=lambda: RegistryHTTPConfig(Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)))
+    lb_http: LbHTTPConfig = field(default_factory=lambda: LbHTTPConfig(Address(DEFAULT_HOST, DEFAULT_LB_HTTP_PORT)))
     config_path: str | None = None
     # Dotted key -> where its value came from, for error messages: "FILE: key" or "--flag".
     sources: dict[str, str] = field(default_factory=dict)
@@ -197,7 +221,9 @@ _SCHEMA: dict[str, Any] = {
     "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
                 "tokens_file": "path", "anonymous_read": "bool"},
     "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from"},
-    "lb": {"listen": "listen", "controller": "connect"},
+    "lb": {"listen": "listen", "controller": "connect", "http_listen": "listen", "tls_cert": "path",
+           "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
+           "middleware": "names"},
 }
 
 
@@ -330,6 +356,7 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
                               "or --controller HOST:PORT)")
 
     cfg.registry_http = _registry_http(raw, w)
+    cfg.lb_http = _lb_http(raw, w)
     if "worker.pull_from" in raw:
         v = raw["worker.pull_from"]
         if v not in PULL_FROM:
@@ -340,6 +367,8 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
     listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]
     if "storage" in cfg.roles and cfg.registry_http.listen is not None:
         listens.append(("storage.http_listen", cfg.registry_http.listen, "the storage HTTP API"))
+    if "lb" in cfg.roles and cfg.lb_http.listen is not None:
+        listens.append(("lb.http_listen", cfg.lb_http.listen, "the lb HTTP API"))
     for key, a, what in listens:
         if a.port != 0 and a in seen:
             raise ConfigError(f"{w(key)}: {a} is also the listen address of "
@@ -348,24 +377,50 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
     return cfg
 
 
-def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
-    """The [storage] keys of the OCI Distribution HTTP API."""
-    key = "storage.http_listen"
-    listen: Address | None = Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)
-    if key in raw:
-        v = raw[key]
-        listen = None if v == "" else parse_address(v, w(key), allow_port_zero=True)
+def _http_listen(raw: Mapping[str, Any], w: Any, section: str, default_port: int) -> Address | None:
+    key = f"{section}.http_listen"
+    if key not in raw:
+        return Address(DEFAULT_HOST, default_port)
+    v = raw[key]
+    return None if v == "" else parse_address(v, w(key), allow_port_zero=True)
+
+
+def _paths(raw: Mapping[str, Any], w: Any, section: str, names: tuple[str, ...]) -> dict[str, str | None]:
+    """Path settings of a section, absolute; tls_cert and tls_key both or neither."""
     paths: dict[str, str | None] = {}
-    for name in ("tls_cert", "tls_key", "tokens_file"):
-        k = f"storage.{name}"
+    for name in names:
+        k = f"{section}.{name}"
         v = raw.get(k)
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{w(k)}: expected a non-empty path string, got {v!r}")
         paths[name] = os.path.abspath(os.path.expanduser(v)) if v else None
     if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
         given, missing = ("tls_cert", "tls_key") if paths["tls_cert"] else ("tls_key", "tls_cert")
-        raise ConfigError(f"{w('storage.' + given)}: set storage.{missing} too; TLS needs the certificate "
+        raise ConfigError(f"{w(f'{section}.{given}')}: set {section}.{missing} too; TLS needs the certificate "
                           "and its key")
+    return paths
+
+
+def _lb_http(raw: Mapping[str, Any], w: Any) -> LbHTTPConfig:
+    """The [lb] keys of the OpenAI-compatible HTTP API and its middleware."""
+    paths = _paths(raw, w, "lb", ("tls_cert", "tls_key", "keys_file"))
+    max_body = raw.get("lb.max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
+        raise ConfigError(f"{w('lb.max_body_bytes')}: expected an integer of at least 1024, got {max_body!r}")
+    rpm = raw.get("lb.requests_per_minute")
+    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 1):
+        raise ConfigError(f"{w('lb.requests_per_minute')}: expected a positive integer, got {rpm!r}")
+    middleware = raw.get("lb.middleware", [])
+    if not isinstance(middleware, list) or not all(isinstance(m, str) and m for m in middleware):
+        raise ConfigError(f"{w('lb.middleware')}: expected a list of installed middleware names, got {middleware!r}")
+    return LbHTTPConfig(_http_listen(raw, w, "lb", DEFAULT_LB_HTTP_PORT), paths["tls_cert"], paths["tls_key"],
+                        max_body, paths["keys_file"], rpm, list(middleware))
+
+
+def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
+    """The [storage] keys of the OCI Distribution HTTP API."""
+    listen = _http_listen(raw, w, "storage", DEFAULT_HTTP_PORT)
+    paths = _paths(raw, w, "storage", ("tls_cert", "tls_key", "tokens_file"))
     anonymous_read = False
     if "storage.anonymous_read" in raw:
         v = raw["storage.anonymous_read"]
@@ -390,6 +445,9 @@ def as_dict(cfg: Config) -> dict[str, Any]:
         d[r] = {"listen": str(rc.listen)}
         if rc.controller:
             d[r]["controller"] = str(rc.controller)
+    if "lb" in cfg.roles:
+        d["lb"].update({"http_listen": str(cfg.lb_http.listen) if cfg.lb_http.listen else "",
+                        "tls": cfg.lb_http.tls_cert is not None, "max_body_bytes": cfg.lb_http.max_body_bytes})
     if "storage" in cfg.roles:
         h = cfg.registry_http
         d["storage"].update({"http_listen": str(h.listen) if h.listen else "", "tls": h.tls_cert is not None,

@@ -209,6 +209,7 @@ def _default_config(workdir: Path, roles: tuple[str, ...]) -> dict[str, Any]:
     for r in ALL_ROLES:
         cfg[r] = {"listen": f"127.0.0.1:{ports[r]}"}
     cfg["storage"]["http_listen"] = f"127.0.0.1:{free_port()}"  # not the fixed default 5000
+    cfg["lb"]["http_listen"] = f"127.0.0.1:{free_port()}"  # nor 7080
     for r in ("worker", "lb"):
         cfg[r]["controller"] = f"127.0.0.1:{ports['controller']}"
     return cfg

@@ -6,8 +6,7 @@ import socket
 import grpc
 import pytest
 
-from clowder.v1 import (common_pb2, controller_pb2, controller_pb2_grpc, inference_pb2,
-                        inference_pb2_grpc, node_pb2, node_pb2_grpc, registry_pb2,
+from clowder.v1 import (common_pb2, controller_pb2, controller_pb2_grpc, node_pb2, node_pb2_grpc, registry_pb2,
                         registry_pb2_grpc)
 
 ROLE = {"controller": common_pb2.ROLE_CONTROLLER, "storage": common_pb2.ROLE_STORAGE,
@@ -57,8 +56,6 @@ def test_subset_of_roles_starts_only_those_servers(clowderd):
         controller_pb2.WatchRoutesRequest(), timeout=5))),
     ("storage", lambda ch: registry_pb2_grpc.RegistryStub(ch).PutBlob(
         iter([registry_pb2.PutBlobRequest(data=b"x")]), timeout=5)),
-    ("lb", lambda ch: list(inference_pb2_grpc.InferenceStub(ch).StreamChatCompletion(
-        inference_pb2.ChatCompletionRequest(model="m"), timeout=5))),
 ])
 def test_unimplemented_methods_say_so(clowderd, role, call):
     proc = clowderd(roles=(role,))

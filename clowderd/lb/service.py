@@ -1,21 +1,148 @@
-"""gRPC services of the lb role. Every method answers UNIMPLEMENTED (naming the method)
-until it is implemented: subclass the servicer here and override methods one by one."""
+"""The lb role: the Inference methods over gRPC (this module) and OpenAI-compatible HTTP
+(openai_http.py), both running each call through the same Dispatcher (routing and middleware).
+
+Errors map to gRPC status codes as clowder.v1.Inference documents them; the caller's key travels in the
+`authorization` metadata ("Bearer KEY"), as it does in the HTTP header.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
 from clowder.v1 import inference_pb2, inference_pb2_grpc
-from clowderd.server import unimplemented_servicer
+from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
+from clowderd.lb.errors import ApiError
+from clowderd.middleware.base import Call
 
 if TYPE_CHECKING:
     from clowderd.server import Process
 
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "n", "ignore_eos")
+
+
+def _sampling(s: inference_pb2.SamplingParams) -> dict:
+    out = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
+    if s.stop:
+        out["stop"] = list(s.stop)
+    return out
+
+
+def _call(request, method: str, context: grpc.aio.ServicerContext, stream: bool) -> Call:
+    metadata = dict(context.invocation_metadata() or ())
+    auth = metadata.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    call = Call(method=method, model=request.model, sampling=_sampling(request.sampling), stream=stream,
+                include_usage=True, user=request.user, metadata=dict(request.metadata),
+                api_key=key.strip() if scheme.lower() == "bearer" and key.strip() else None,
+                client=context.peer(), body_bytes=request.ByteSize())
+    if method == "chat":
+        call.messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                         for m in request.messages]
+    else:
+        call.prompt, call.echo = request.prompt, request.echo
+    return call
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
+
+    async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(data=[
+            inference_pb2.Model(id=r.deployment, created=r.created, owned_by="clowder", image=r.image)
+            for r in self.dispatcher.routes.list()])
+
+    async def _pieces(self, call: Call, context) -> AsyncIterator[Piece]:
+        try:
+            if not call.model:
+                raise ApiError(400, "model: required: the name of a deployment (ListModels lists them)")
+            if call.method == "chat" and not call.messages:
+                raise ApiError(400, "messages: required: a non-empty list of {role, content}")
+            async for piece in self.dispatcher.run(call):
+                yield piece
+        except ApiError as e:
+            await context.abort(e.grpc_code(), e.message)
+
+    def _head(self, call: Call) -> dict:
+        route = self.dispatcher.routes.get(call.model)
+        return dict(id=call.id, created=call.created, model=call.model,
+                    system_fingerprint=route.manifest_digest if route else "")
+
+    async def _collect(self, call: Call, context) -> tuple[list[str], list[str], Usage | None]:
+        """Each choice's text and finish reason, and the usage."""
+        n = call.sampling.get("n", 1)
+        texts, finish, usage = [""] * n, [""] * n, None
+        async for piece in self._pieces(call, context):
+            if isinstance(piece, Text):
+                texts[piece.index] += piece.text
+            elif isinstance(piece, ChoiceEnd):
+                finish[piece.index] = piece.finish_reason
+            else:
+                usage = piece
+        return texts, finish, usage
+
+    async def ChatCompletion(self, request, context) -> inference_pb2.ChatCompletionResponse:
+        call = _call(request, "chat", context, stream=False)
+        texts, finish, usage = await self._collect(call, context)
+        return inference_pb2.ChatCompletionResponse(
+            **self._head(call), usage=_usage(usage),
+            choices=[inference_pb2.ChatCompletionChoice(
+                index=i, message=inference_pb2.ChatMessage(role="assistant", content=t), finish_reason=finish[i])
+                for i, t in enumerate(texts)])
+
+    async def StreamChatCompletion(self, request, context):
+        call = _call(request, "chat", context, stream=True)
+        head = self._head(call)
+        started: set[int] = set()
+        async for piece in self._pieces(call, context):
+            if isinstance(piece, Usage):
+                yield inference_pb2.ChatCompletionChunk(**head, usage=_usage(piece))
+                continue
+            choice = inference_pb2.ChatCompletionChunkChoice(index=piece.index)
+            if piece.index not in started:
+                started.add(piece.index)
+                choice.delta.role = "assistant"
+            if isinstance(piece, Text):
+                choice.delta.content = piece.text
+            else:
+                choice.finish_reason = piece.finish_reason
+            yield inference_pb2.ChatCompletionChunk(**head, choices=[choice])
+
+    async def Completion(self, request, context) -> inference_pb2.CompletionResponse:
+        call = _call(request, "completion", context, stream=False)
+        texts, finish, usage = await self._collect(call, context)
+        return inference_pb2.CompletionResponse(
+            **self._head(call), usage=_usage(usage),
+            choices=[inference_pb2.CompletionChoice(index=i, text=t, finish_reason=finish[i])
+                     for i, t in enumerate(texts)])
+
+    async def StreamCompletion(self, request, context):
+        call = _call(request, "completion", context, stream=True)
+        head = self._head(call)
+        async for piece in self._pieces(call, context):
+            if isinstance(piece, Usage):
+                yield inference_pb2.CompletionChunk(**head, usage=_usage(piece))
+            elif isinstance(piece, Text):
+                yield inference_pb2.CompletionChunk(**head, choices=[
+                    inference_pb2.CompletionChoice(index=piece.index, text=piece.text)])
+            else:
+                yield inference_pb2.CompletionChunk(**head, choices=[
+                    inference_pb2.CompletionChoice(index=piece.index, finish_reason=piece.finish_reason)])
+
+
+def _usage(usage: Usage | None) -> inference_pb2.Usage | None:
+    if usage is None:
+        return None
+    return inference_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                               total_tokens=usage.total_tokens)
+
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
-    """Add the lb role's services to its server."""
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        unimplemented_servicer(inference_pb2_grpc.InferenceServicer, inference_pb2.DESCRIPTOR,
-                               "Inference"),
-        server)
+    """Add the lb role's services to its server, and start its HTTP API."""
+    from clowderd.lb.node import LbNode
+
+    node = LbNode(process)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(node.dispatcher), server)
+    node.start()

@@ -36,7 +36,7 @@ def engine_request(request: worker_pb2.GenerateRequest) -> tuple[GenerateRequest
 
 
 def _apply_sampling(out: GenerateRequest, s: inference_pb2.SamplingParams, kind: str) -> None:
-    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed", "n"):
+    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed", "n", "ignore_eos"):
         if s.HasField(name):
             setattr(out, name, getattr(s, name))
     out.stop = list(s.stop)

@@ -1,0 +1,47 @@
+"""The lb role's parts, put together once per process: the route table, the connections to workers, the
+middleware chains, the dispatcher that runs calls through them, and the OpenAI-compatible HTTP API."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clowderd import httpserver
+from clowderd.lb.dispatch import Dispatcher
+from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.routes import RouteTable
+from clowderd.lb.upstream import Workers
+from clowderd.middleware.auth import KeyRing
+from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
+
+if TYPE_CHECKING:
+    from clowderd.server import Process
+
+log = logging.getLogger("clowderd.lb")
+
+
+class LbNode:
+    def __init__(self, process: "Process"):
+        self.process = process
+        cfg = process.config
+        http = cfg.lb_http
+        self.policy = LbPolicy(data_dir=Path(cfg.data_dir) / "lb", middleware=list(http.middleware),
+                               keys_file=Path(http.keys_file) if http.keys_file else None,
+                               requests_per_minute=http.requests_per_minute)
+        self.shared = Shared(keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None)
+        self.routes = RouteTable()
+        self.workers = Workers()
+        self.chains = ChainBuilder(self.policy, self.shared)
+        self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
+
+    def start(self) -> None:
+        cfg = self.process.config
+        http = cfg.lb_http
+        self.process.on_shutdown(self.workers.close, "close the lb's worker connections")
+        if http.listen is None:
+            return
+        app = OpenAIApp(self.dispatcher, http.max_body_bytes).app()
+        bound = httpserver.serve(self.process, app, http.listen, cfg.where("lb.http_listen"), name="openai-http",
+                                 tls_cert=http.tls_cert, tls_key=http.tls_key, tls_where=cfg.where("lb.tls_cert"))
+        log.info("serving http", extra={"role": "lb", "addr": bound, "tls": bool(http.tls_cert),
+                                        "auth": self.shared.keys is not None})

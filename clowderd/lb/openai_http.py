@@ -1,0 +1,224 @@
+"""OpenAI-compatible HTTP at the lb: GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
+streamed (server-sent events ending in `data: [DONE]`) or not. One handler per method; errors in one place
+(OpenAI's error JSON with the status that says what went wrong, also for an error after the stream began).
+
+Every response carries the lb's own time in `x-clowder-lb-overhead-ms`: the time the call spent in the lb
+and not waiting on the replica (for a stream, up to its first byte).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from clowderd.lb.api import parse_chat, parse_completion
+from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
+from clowderd.lb.errors import ApiError
+from clowderd.middleware.base import Call
+
+log = logging.getLogger(__name__)
+
+OVERHEAD_HEADER = "x-clowder-lb-overhead-ms"
+DEFAULT_MAX_BODY = 4 << 20
+
+
+def _overhead_ms(call: Call) -> str:
+    spent = time.perf_counter() - call.received - call.state.get("upstream_seconds", 0.0)
+    return f"{spent * 1000:.3f}"
+
+
+def _error_response(error: ApiError, call: Call | None = None) -> JSONResponse:
+    headers = {OVERHEAD_HEADER: _overhead_ms(call)} if call is not None else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class OpenAIApp:
+    def __init__(self, dispatcher: Dispatcher, max_body_bytes: int = DEFAULT_MAX_BODY):
+        self.dispatcher = dispatcher
+        self.max_body = max_body_bytes
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            HttpRoute("/v1/models", self.models, methods=["GET"]),
+            HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            HttpRoute("/v1/completions", self.completions, methods=["POST"]),
+            HttpRoute("/health", self.health, methods=["GET"]),
+        ], exception_handlers={404: self.not_found, 405: self.not_allowed})
+
+    # -- handlers -----------------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        data = [{"id": r.deployment, "object": "model", "created": r.created, "owned_by": "clowder",
+                 "image": r.image} for r in self.dispatcher.routes.list()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, parse_chat, ChatEncoding)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, parse_completion, CompletionEncoding)
+
+    async def not_found(self, request: Request, exc) -> Response:
+        return _error_response(ApiError(404, f"no such endpoint: {request.method} {request.url.path}"))
+
+    async def not_allowed(self, request: Request, exc) -> Response:
+        return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    # -- one call -----------------------------------------------------------------------------------
+
+    async def _serve(self, request: Request, parse: Callable[[object], Call], encoding: type) -> Response:
+        received = time.perf_counter()
+        try:
+            body = await self._body(request)
+            call = parse(body)
+        except ApiError as e:
+            return _error_response(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        call.received = received
+        call.body_bytes = int(request.headers.get("content-length") or 0)
+        call.api_key = _bearer(request.headers.get("authorization"))
+        call.client = request.client.host if request.client else ""
+        enc = encoding(call, self.dispatcher.routes.get(call.model))
+        pieces = self.dispatcher.run(call)
+        try:
+            first = await anext(pieces)  # errors before the first byte get their own status
+        except ApiError as e:
+            await pieces.aclose()
+            return _error_response(e, call)
+        if call.stream:
+            return StreamingResponse(self._events(enc, first, pieces), media_type="text/event-stream",
+                                     headers={OVERHEAD_HEADER: _overhead_ms(call), "cache-control": "no-cache"})
+        try:
+            enc.add(first)
+            async for piece in pieces:
+                enc.add(piece)
+        except ApiError as e:
+            return _error_response(e, call)
+        return JSONResponse(enc.whole(), headers={OVERHEAD_HEADER: _overhead_ms(call)})
+
+    async def _body(self, request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError(413, f"the request body is {int(declared)} bytes, over this server's limit of "
+                                f"{self.max_body} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body:
+                raise ApiError(413, f"the request body is over this server's limit of {self.max_body} bytes")
+        if not raw:
+            raise ApiError(400, "the request has no body: send a JSON object")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    async def _events(self, enc, first: Piece, pieces: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
+        try:
+            for chunk in enc.chunks(first):
+                yield _sse(chunk)
+            async for piece in pieces:
+                for chunk in enc.chunks(piece):
+                    yield _sse(chunk)
+        except ApiError as e:  # after the first byte the status is sent: the error travels as an event
+            yield _sse(e.body())
+        finally:
+            await pieces.aclose()
+        yield b"data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+# -- encodings: pieces as OpenAI objects -------------------------------------------------------------
+
+class _Encoding:
+    object_whole = ""
+    object_chunk = ""
+
+    def __init__(self, call: Call, route):
+        self.call = call
+        self.fingerprint = route.manifest_digest if route is not None else ""
+        n = call.sampling.get("n", 1)
+        self.texts = [""] * n
+        self.finish = [None] * n
+        self.usage: Usage | None = None
+        self.started = [False] * n
+
+    def head(self) -> dict:
+        return {"id": self.call.id, "created": self.call.created, "model": self.call.model,
+                "system_fingerprint": self.fingerprint}
+
+    def add(self, piece: Piece) -> None:
+        if isinstance(piece, Text):
+            self.texts[piece.index] += piece.text
+        elif isinstance(piece, ChoiceEnd):
+            self.finish[piece.index] = piece.finish_reason
+        else:
+            self.usage = piece
+
+    def chunks(self, piece: Piece) -> list[dict]:
+        if isinstance(piece, Usage):
+            if not self.call.include_usage:
+                return []
+            return [{**self.head(), "object": self.object_chunk, "choices": [], "usage": piece.as_dict()}]
+        chunk = self.chunk_choice(piece)
+        out = {**self.head(), "object": self.object_chunk, "choices": [chunk]}
+        if self.call.include_usage:
+            out["usage"] = None
+        return [out]
+
+
+class ChatEncoding(_Encoding):
+    object_whole = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    def whole(self) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": self.finish[i]} for i, text in enumerate(self.texts)]
+        return {**self.head(), "object": self.object_whole, "choices": choices,
+                "usage": self.usage.as_dict() if self.usage else None}
+
+    def chunk_choice(self, piece: Text | ChoiceEnd) -> dict:
+        delta: dict = {}
+        if not self.started[piece.index]:
+            self.started[piece.index] = True
+            delta["role"] = "assistant"
+        if isinstance(piece, Text):
+            delta["content"] = piece.text
+            return {"index": piece.index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {"index": piece.index, "delta": delta, "logprobs": None, "finish_reason": piece.finish_reason}
+
+
+class CompletionEncoding(_Encoding):
+    object_whole = "text_completion"
+    object_chunk = "text_completion"
+
+    def whole(self) -> dict:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish[i]}
+                   for i, text in enumerate(self.texts)]
+        return {**self.head(), "object": self.object_whole, "choices": choices,
+                "usage": self.usage.as_dict() if self.usage else None}
+
+    def chunk_choice(self, piece: Text | ChoiceEnd) -> dict:
+        if isinstance(piece, Text):
+            return {"index": piece.index, "text": piece.text, "logprobs": None, "finish_reason": None}
+        return {"index": piece.index, "text": "", "logprobs": None, "finish_reason": piece.finish_reason}

@@ -1,0 +1,58 @@
+"""The lb's calls to workers: one gRPC channel per worker address, Worker.Generate per call. Closing the
+stream early (the caller went away) cancels the call, and with it the generation on the replica."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from clowder.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from clowderd.lb.routes import Endpoint
+from clowderd.middleware.base import Call
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "ignore_eos")
+
+
+def generate_request(call: Call, replica_id: str, seed_offset: int = 0) -> worker_pb2.GenerateRequest:
+    """The call, after the middleware chain, as a worker request for one choice."""
+    sampling = inference_pb2.SamplingParams(**{k: v for k, v in call.sampling.items() if k in SAMPLING_FIELDS})
+    if seed_offset and sampling.HasField("seed"):
+        sampling.seed += seed_offset  # the choices of one call differ
+    request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id=f"{call.id}-{seed_offset}",
+                                         adapter_digest=call.adapter_digest)
+    if call.method == "chat":
+        request.chat.CopyFrom(inference_pb2.ChatCompletionRequest(
+            model=call.model, sampling=sampling, user=call.user, metadata=call.metadata,
+            messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name", ""))
+                      for m in call.messages]))
+    else:
+        request.completion.CopyFrom(inference_pb2.CompletionRequest(
+            model=call.model, prompt=call.prompt, sampling=sampling, user=call.user, metadata=call.metadata,
+            echo=call.echo))
+    return request
+
+
+class Workers:
+    def __init__(self):
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def generate(self, endpoint: Endpoint,
+                       request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        call = self._stub(endpoint.worker_address).Generate(request)
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()  # a no-op once the call has ended
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

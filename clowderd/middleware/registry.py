@@ -1,0 +1,97 @@
+"""The chain of a deployment: the lb's own middleware first (the cluster's policy, by name), then the
+built-ins that the aimage's configuration switches on, in a fixed order that makes sense on the way in:
+
+    auth, rate-limit, security, input-filter, prompts, output-filter, call-log, audit, webhooks,
+    query-storage
+
+(on the way out the order reverses: the output filter sees the model's text first, and what is logged,
+audited and stored is what the caller received). Third-party middleware registers a factory under the
+entry point group "clowder.middleware"; `[lb] middleware = ["name", ...]` puts it in every chain. A
+factory is `create(config, policy, shared) -> Middleware | None`, given the aimage configuration, the
+lb's settings and the lb-wide resources; it returns None when the configuration does not ask for it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable
+
+from clowderd.errors import InvalidInput
+from clowderd.middleware import auth, filters, prompts, ratelimit, security
+from clowderd.middleware.base import Chain, Middleware
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "clowder.middleware"
+Factory = Callable[[dict, "LbPolicy", "Shared"], "Middleware | None"]
+
+
+@dataclass
+class LbPolicy:
+    """The lb's settings that middleware reads."""
+    data_dir: Path
+    middleware: list[str] = field(default_factory=list)  # the cluster's own, before the built-ins
+    keys_file: Path | None = None
+    requests_per_minute: int | None = None  # for callers without a limit of their own
+
+
+@dataclass
+class Shared:
+    """What the middleware of every deployment shares: loaded once per lb."""
+    keys: auth.KeyRing | None
+    buckets: ratelimit.Buckets = field(default_factory=ratelimit.Buckets)
+    extra: dict = field(default_factory=dict)  # resources of further built-ins and plugins, by name
+
+
+BUILTINS: list[tuple[str, Factory]] = [
+    ("auth", auth.create),
+    ("rate-limit", ratelimit.create),
+    ("security", security.create),
+    ("input-filter", filters.create_input),
+    ("prompts", prompts.create),
+    ("output-filter", filters.create_output),
+]
+
+
+def load_plugin(name: str) -> Factory:
+    """The factory registered under `name` in the entry point group."""
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        raise InvalidInput(f"middleware {name!r} is not installed (no entry point {name!r} in group "
+                           f"{ENTRY_POINT_GROUP!r}; installed: {', '.join(known) or 'none'})")
+    return found[0].load()
+
+
+class ChainBuilder:
+    """Builds, and keeps, each deployment's chain; a new aimage (manifest digest) gets a new one."""
+
+    def __init__(self, policy: LbPolicy, shared: Shared, builtins: list[tuple[str, Factory]] | None = None):
+        self.policy = policy
+        self.shared = shared
+        self.builtins = BUILTINS if builtins is None else builtins
+        self.plugins = [(name, load_plugin(name)) for name in policy.middleware]
+        self._chains: dict[tuple[str, str], Chain] = {}
+
+    def __call__(self, route) -> Chain:
+        key = (route.deployment, route.manifest_digest)
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = self._chains[key] = self.build(route.config)
+            log.info("middleware chain", extra={"deployment": route.deployment, "chain": chain.names()})
+        return chain
+
+    def build(self, config: dict) -> Chain:
+        made = []
+        for name, factory in self.plugins + self.builtins:
+            middleware = factory(config, self.policy, self.shared)
+            if middleware is not None:
+                made.append(middleware)
+        return Chain(made)
+
+    def forget(self, deployment: str) -> None:
+        for key in [k for k in self._chains if k[0] == deployment]:
+            del self._chains[key]
+

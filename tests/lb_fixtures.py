@@ -1,0 +1,80 @@
+"""The lb's front ends (OpenAI HTTP under uvicorn, Inference over gRPC) and dispatcher running in a thread of
+the test process, on loopback ports, with a route table the test fills: for testing the lb in front of
+real workers before a controller publishes routes."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from clowder.v1 import inference_pb2_grpc
+from clowderd.lb.dispatch import Dispatcher
+from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.routes import Route, RouteTable
+from clowderd.lb.service import InferenceServicer
+from clowderd.lb.upstream import Workers
+from clowderd.middleware.auth import KeyRing
+from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
+from tests.clowderd_proc import free_port
+
+
+class LbServer:
+    def __init__(self, data_dir: Path, *, keys_file: Path | None = None, requests_per_minute: int | None = None,
+                 max_body_bytes: int = 1 << 20):
+        self.policy = LbPolicy(data_dir=data_dir, keys_file=keys_file, requests_per_minute=requests_per_minute)
+        self.max_body = max_body_bytes
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lb", daemon=True)
+        self._thread.start()
+        if not self._started.wait(15):
+            raise RuntimeError("the lb did not start")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        shared = Shared(keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None)
+        self.routes = RouteTable()
+        self.workers = Workers()
+        self.chains = ChainBuilder(self.policy, shared)
+        self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
+        grpc_server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher), grpc_server)
+        grpc_server.add_insecure_port(self.grpc_address)
+        await grpc_server.start()
+        config = uvicorn.Config(OpenAIApp(self.dispatcher, self.max_body).app(), host="127.0.0.1",
+                                port=self.http_port, log_config=None, access_log=False, lifespan="off")
+        self.http = uvicorn.Server(config)
+        self.http.install_signal_handlers = lambda: None
+        serving = asyncio.ensure_future(self.http.serve())
+        while not self.http.started:
+            await asyncio.sleep(0.01)
+        self._started.set()
+        await serving
+        await grpc_server.stop(1)
+        await self.workers.close()
+
+    def put_route(self, route: Route) -> None:
+        """Publish a route, as the controller's route watch does."""
+        async def put():
+            self.chains.forget(route.deployment)
+            self.routes.put(route)
+        asyncio.run_coroutine_threadsafe(put(), self.loop).result(5)
+
+    def stop(self) -> None:
+        self.http.should_exit = True
+        self._thread.join(15)

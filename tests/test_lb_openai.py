@@ -1,0 +1,229 @@
+"""The lb's OpenAI-compatible HTTP API and its gRPC twin, in front of a real worker clowderd serving a tiny
+chat llama, driven by the official `openai` client: methods, streaming, errors, retries, cancellation."""
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from clowderd.lb.routes import Endpoint, Route
+from tests.lb_fixtures import LbServer
+from tests.worker_fixtures import build_chat_image, start_worker
+
+S = common_pb2.ReplicaState
+QUESTION = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lb-worker")
+    image = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
+    proc = start_worker(workdir, workdir / "data")
+    stub = worker_pb2_grpc.WorkerStub(proc.channel("worker"))
+    for replica_id in ("chat-0", "chat-1"):
+        stub.LoadReplica(worker_pb2.LoadReplicaRequest(spec=common_pb2.ReplicaSpec(
+            replica_id=replica_id, deployment="tiny", image=image.name, manifest_digest=image.digest,
+            generation=1)), timeout=10)
+    deadline = time.monotonic() + 60
+    while True:
+        states = {r.replica_id: r.state for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas}
+        if all(s == S.REPLICA_STATE_READY for s in states.values()):
+            break
+        assert time.monotonic() < deadline, f"replicas not ready: {states}\n{proc.stderr_text()}"
+        time.sleep(0.1)
+    yield proc, stub, image
+    assert proc.stop() == 0
+
+
+def tiny_route(worker, deployment: str = "tiny", config: dict | None = None, endpoints=None) -> Route:
+    proc, _, image = worker
+    address = proc.addresses["worker"]
+    endpoints = endpoints or [Endpoint("chat-0", address), Endpoint("chat-1", address)]
+    return Route(deployment, endpoints, image=image.name, manifest_digest=image.digest, config=config or {},
+                 created=1_700_000_000)
+
+
+@pytest.fixture(scope="module")
+def lb(worker, tmp_path_factory):
+    server = LbServer(tmp_path_factory.mktemp("lb"), max_body_bytes=64 * 1024)
+    server.put_route(tiny_route(worker))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(lb):
+    return openai.OpenAI(base_url=lb.base_url, api_key="unused", max_retries=0)
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model=kw.pop("model", "tiny"), messages=kw.pop("messages", QUESTION),
+                                          temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
+
+
+# -- methods ------------------------------------------------------------------------------------
+
+def test_models_lists_each_deployment_by_name(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert models["tiny"].created == 1_700_000_000 and models["tiny"].owned_by == "clowder"
+
+
+def test_a_chat_completion_answers_with_usage_and_the_aimage_as_fingerprint(client, worker):
+    response = chat(client)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 0 and 0 < response.usage.completion_tokens <= 8
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert response.model == "tiny" and response.id.startswith("chatcmpl-")
+    assert response.system_fingerprint == worker[2].digest
+
+
+def test_a_streamed_chat_gives_the_same_text_and_ends_with_usage(client):
+    whole = chat(client).choices[0].message.content
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_stream_ends_with_done_and_carries_the_overhead_header(lb):
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{lb.base_url}/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert float(r.headers["x-clowder-lb-overhead-ms"]) >= 0
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_completions_stream_and_not_and_echo_the_prompt(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0)
+    assert whole.choices[0].text and whole.id.startswith("cmpl-")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+    echoed = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Once upon" + whole.choices[0].text
+
+
+def test_n_choices_are_generated_each_with_its_index(client):
+    response = chat(client, n=3, max_tokens=4)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.message.content for c in response.choices)
+    assert response.usage.completion_tokens <= 12
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def test_an_unknown_model_is_404_naming_it(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, model="nosuch")
+    assert "'nosuch'" in e.value.message and "/v1/models" in e.value.message
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny", "messages": QUESTION, "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "king", "content": "x"}]}).encode(), 400, "role"),
+    (json.dumps({"model": "tiny", "messages": QUESTION, "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+    (json.dumps({"model": "tiny", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
+])
+def test_bad_requests_get_openai_error_json_naming_the_field(lb, body, status, words):
+    r = httpx.post(f"{lb.base_url}/chat/completions", content=body, timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_max_tokens_beyond_the_context_is_400_from_the_engine(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=1_000_000)
+    assert "max_tokens" in e.value.message
+
+
+def test_a_body_over_the_limit_is_413(lb):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
+    r = httpx.post(f"{lb.base_url}/chat/completions", json=big, timeout=10)
+    assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]
+
+
+def test_an_unknown_path_is_404_in_openai_json(lb):
+    r = httpx.get(f"{lb.base_url}/embeddings", timeout=10)
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+def test_a_replica_failing_before_the_first_byte_is_retried_on_another(lb, client, worker):
+    address = worker[0].addresses["worker"]
+    lb.put_route(tiny_route(worker, "flaky", endpoints=[
+        Endpoint("gone-0", address),                    # the worker does not know it: NOT_FOUND
+        Endpoint("chat-0", "127.0.0.1:9"),              # nothing listens there: UNAVAILABLE
+        Endpoint("chat-1", address)]))
+    for _ in range(3):
+        assert chat(client, model="flaky").choices[0].message.content
+
+
+def test_no_ready_replica_is_503_with_the_last_reason(lb, client, worker):
+    lb.put_route(tiny_route(worker, "down", endpoints=[Endpoint("gone-0", worker[0].addresses["worker"])]))
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(client, model="down")
+    assert e.value.status_code == 503
+    assert "'down' has no ready replica" in e.value.message and "gone-0" in e.value.message
+
+
+def test_a_caller_that_goes_away_cancels_the_generation_on_the_replica(lb, worker):
+    _, stub, _ = worker
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{lb.base_url}/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    deadline = time.monotonic() + 10
+    while any(r.in_flight for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas):
+        assert time.monotonic() < deadline, "the generation went on after the caller left"
+        time.sleep(0.05)
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+def test_the_same_methods_over_grpc_stream_and_not(lb, client):
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(lb.grpc_address))
+    request = inference_pb2.ChatCompletionRequest(
+        model="tiny", messages=[inference_pb2.ChatMessage(role="user", content="Hello there")],
+        sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=8))
+    whole = stub.ChatCompletion(request, timeout=30)
+    assert whole.choices[0].message.content == chat(client).choices[0].message.content
+    chunks = list(stub.StreamChatCompletion(request, timeout=30))
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert "tiny" in [m.id for m in stub.ListModels(inference_pb2.ListModelsRequest()).data]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ChatCompletion(inference_pb2.ChatCompletionRequest(model="nosuch", messages=request.messages))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
+    proc = clowderd(roles=("lb",))
+    base = f"http://{proc.config['lb']['http_listen']}/v1"
+    assert httpx.get(f"{base}/models", timeout=10).json() == {"object": "list", "data": []}
+    r = httpx.post(f"{base}/chat/completions", json={"model": "m", "messages": QUESTION}, timeout=10)
+    assert r.status_code == 404 and "'m'" in r.json()["error"]["message"]
+    stub = inference_pb2_grpc.InferenceStub(proc.channel("lb"))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ChatCompletion(inference_pb2.ChatCompletionRequest(
+            model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert proc.stop() == 0
