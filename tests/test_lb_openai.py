@@ -3,6 +3,7 @@ chat llama, driven by the official `openai` client: methods, streaming, errors, 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 
 from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from clowderd.lb.routes import Endpoint, Route
+from clowderd.middleware.auth import key_digest
 from tests.lb_fixtures import LbServer
 from tests.worker_fixtures import build_chat_image, start_worker
 
@@ -227,3 +229,76 @@ def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
             model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert proc.stop() == 0
+
+
+# -- middleware through the lb ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded(worker, client, tmp_path_factory):
+    """An lb with API keys (alice in 'research', bob in no group), serving 'tiny' as it is and four
+    deployments of it with configured middleware; and the words of the plain greedy answer."""
+    workdir = tmp_path_factory.mktemp("lb-guarded")
+    keys = workdir / "keys.toml"
+    keys.write_text(f'[users.alice]\ngroups = ["research"]\nkeys = ["{key_digest("ck-alice")}"]\n'
+                    f'[users.bob]\nkeys = ["{key_digest("ck-bob")}"]\n')
+    answer = chat(client).choices[0].message.content
+    words = [w for w in re.findall(r"\w+", answer) if len(w) > 1]
+    assert len(words) >= 2, f"the tiny model's answer {answer!r} has too few words for these tests"
+    server = LbServer(workdir, keys_file=keys)
+    configs = {"tiny": {}, "research-only": {"access_groups": ["research"]},
+               "redacting": {"filters": {"output": {"redact": [words[0]], "replacement": "###"}}},
+               "blocking": {"filters": {"output": {"block": [words[1]]}}},
+               "briefed": {"prompts": {"system": "You are a terse assistant."}, "security": {"max_input_bytes": 50}}}
+    for name, config in configs.items():
+        server.put_route(tiny_route(worker, name, config))
+    yield server, answer, words
+    server.stop()
+
+
+def keyed(server, key: str | None):
+    return openai.OpenAI(base_url=server.base_url, api_key=key or "", max_retries=0)
+
+
+def test_an_lb_with_keys_refuses_callers_without_a_valid_one(guarded):
+    server, _, _ = guarded
+    with pytest.raises(openai.AuthenticationError) as e:
+        chat(keyed(server, "ck-nobody"))
+    assert "not valid" in e.value.message
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "tiny", "messages": QUESTION}, timeout=10)
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]
+    assert chat(keyed(server, "ck-bob")).choices[0].message.content
+
+
+def test_access_groups_admit_members_only(guarded):
+    server, answer, _ = guarded
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        chat(keyed(server, "ck-bob"), model="research-only")
+    assert "research" in e.value.message and "'bob'" in e.value.message
+    assert chat(keyed(server, "ck-alice"), model="research-only").choices[0].message.content == answer
+
+
+def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
+    server, answer, words = guarded
+    alice = keyed(server, "ck-alice")
+    expected = re.sub(rf"(?<!\w){re.escape(words[0])}(?!\w)", "###", answer, flags=re.IGNORECASE)
+    assert chat(alice, model="redacting").choices[0].message.content == expected
+    streamed = chat(alice, model="redacting", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+
+def test_a_blocked_output_word_ends_the_answer_before_it_with_content_filter(guarded):
+    server, answer, words = guarded
+    response = chat(keyed(server, "ck-alice"), model="blocking")
+    hit = re.search(rf"(?<!\w){re.escape(words[1])}(?!\w)", answer, flags=re.IGNORECASE)
+    assert response.choices[0].finish_reason == "content_filter"
+    assert response.choices[0].message.content == answer[:hit.start()]
+
+
+def test_the_system_prompt_is_prepended_and_the_input_limit_enforced(guarded, client):
+    server, _, _ = guarded
+    alice = keyed(server, "ck-alice")
+    plain = chat(alice).usage.prompt_tokens
+    assert chat(alice, model="briefed").usage.prompt_tokens > plain
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(alice, model="briefed", messages=[{"role": "user", "content": "y" * 60}])
+    assert e.value.status_code == 413 and "max_input_bytes" in e.value.message

@@ -178,13 +178,16 @@ class Dispatcher:
                                 sent = True
                                 yield Text(index, text)
                         if finish_reason:
-                            tail = chain.choice_end(call, index)
+                            try:
+                                tail = chain.choice_end(call, index)
+                            except StopChoice as stop:
+                                tail, finish_reason = stop.text, stop.finish_reason
                             if tail:
                                 yield Text(index, tail)
                             sent = True
                             yield ChoiceEnd(index, finish_reason)
                             if finish_reason != response.finish_reason:
-                                return
+                                return  # stopped by the chain: closing the stream cancels the rest
                         if response.HasField("usage"):
                             usage.prompt_tokens += response.usage.prompt_tokens
                             usage.completion_tokens += response.usage.completion_tokens

@@ -125,27 +125,33 @@ class Chain:
 
     def text(self, call: Call, index: int, text: str) -> str:
         """The text to pass on; raises StopChoice (with the text that passed every middleware outside
-        the one that stopped) to end the choice."""
+        the one that stopped, and what they held) to end the choice."""
         for i in range(len(self.middleware) - 1, -1, -1):
             if not text:
                 break
             try:
                 text = self.middleware[i].on_text(call, index, text)
             except StopChoice as stop:
-                for outer in reversed(self.middleware[:i]):
-                    if stop.text:
-                        stop.text = outer.on_text(call, index, stop.text)
+                stop.text = self._flush(call, index, stop.text, i)
                 raise
         return text
 
     def choice_end(self, call: Call, index: int) -> str:
         """What is left of choice `index` once each middleware, model side first, has released what it
-        held (which then passes through the middleware outside it)."""
-        text = ""
-        for m in reversed(self.middleware):
-            if text:
-                text = m.on_text(call, index, text)
-            text += m.on_choice_end(call, index)
+        held (which then passes through the middleware outside it). Raises StopChoice like text()."""
+        return self._flush(call, index, "", len(self.middleware))
+
+    def _flush(self, call: Call, index: int, text: str, below: int) -> str:
+        """`text` through the middleware outside position `below`, each adding what it held."""
+        for i in range(below - 1, -1, -1):
+            m = self.middleware[i]
+            try:
+                if text:
+                    text = m.on_text(call, index, text)
+                text += m.on_choice_end(call, index)
+            except StopChoice as stop:
+                stop.text = self._flush(call, index, stop.text, i)
+                raise
         return text
 
     async def outcome(self, call: Call, outcome: Outcome) -> None:

@@ -89,37 +89,41 @@ class OutputFilter(Middleware):
     def __init__(self, section: dict):
         self.matcher = _Matcher(section)
 
-    def _buffers(self, call: Call) -> dict[int, str]:
+    def _buffers(self, call: Call) -> dict[int, tuple[str, str]]:
+        """Per choice: the last character released (a word boundary depends on it) and the text held."""
         return call.state.setdefault(self.name, {})
 
     def on_text(self, call: Call, index: int, text: str) -> str:
         buffers = self._buffers(call)
-        pending = buffers.get(index, "") + text
-        cut = self.matcher.held_from(pending)
-        buffers[index] = pending[cut:]
-        return self._release(call, index, pending, cut)
+        context, held = buffers.get(index, ("", ""))
+        pending = context + held + text
+        start = len(context)
+        cut = max(start, self.matcher.held_from(pending))
+        buffers[index] = (pending[cut - 1:cut], pending[cut:])
+        return self._release(call, index, pending, start, cut)
 
     def on_choice_end(self, call: Call, index: int) -> str:
-        pending = self._buffers(call).pop(index, "")
-        return self._release(call, index, pending, len(pending))
+        context, held = self._buffers(call).pop(index, ("", ""))
+        pending = context + held
+        return self._release(call, index, pending, len(context), len(pending))
 
-    def _release(self, call: Call, index: int, pending: str, cut: int) -> str:
-        """pending[:cut], redacted; a blocked word in it stops the choice. Matching runs over all of
-        `pending`, so that whether a word ends at `cut` is decided by the character after it."""
+    def _release(self, call: Call, index: int, pending: str, start: int, cut: int) -> str:
+        """pending[start:cut], redacted; a blocked word in it stops the choice. Matching sees all of
+        `pending`, so that the characters around a word decide whether it is a whole word."""
         m = self.matcher
         if m.block:
-            hit = m.block.search(pending, 0, len(pending))
+            hit = m.block.search(pending, start)
             if hit and hit.start() < cut:
                 self._buffers(call).pop(index, None)
-                raise StopChoice(self._redact_before(pending, hit.start()))
-        return self._redact_before(pending, cut)
+                raise StopChoice(self._redact(pending, start, hit.start()))
+        return self._redact(pending, start, cut)
 
-    def _redact_before(self, pending: str, end: int) -> str:
+    def _redact(self, pending: str, start: int, end: int) -> str:
         m = self.matcher
         if not m.redact:
-            return pending[:end]
-        out, last = [], 0
-        for hit in m.redact.finditer(pending):
+            return pending[start:end]
+        out, last = [], start
+        for hit in m.redact.finditer(pending, start):
             if hit.start() >= end:
                 break
             out += [pending[last:hit.start()], m.replacement]
