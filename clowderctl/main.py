@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from clowderctl import distribution, images
+from clowderctl import apikeys, distribution, images
 from clowderd.errors import ClowderError
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
@@ -44,6 +44,7 @@ def cli(ctx: click.Context, data_dir: str) -> None:
 
 images.register(cli)
 distribution.register(cli)
+apikeys.register(cli)
 
 
 def main() -> None:

@@ -49,6 +49,18 @@ class User:
 
 def load_keys(path: Path) -> dict[str, User]:
     """Key digest -> user. Errors name the file and the entry."""
+    keys: dict[str, User] = {}
+    for name, entry in read_users(path).items():
+        user = User(name, frozenset(entry.get("groups", [])), entry.get("requests_per_minute"))
+        for digest in entry.get("keys", []):
+            if digest in keys:
+                raise InvalidInput(f"{path}: users.{name}.keys: {digest} is also a key of user {keys[digest].name!r}")
+            keys[digest] = user
+    return keys
+
+
+def read_users(path: Path) -> dict[str, dict]:
+    """The file's [users.NAME] tables, each checked. Errors name the file and the entry."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as e:
@@ -58,8 +70,8 @@ def load_keys(path: Path) -> dict[str, User]:
     unknown = sorted(set(data) - {"users"})
     if unknown:
         raise InvalidInput(f"{path}: unknown top-level keys {unknown}; users go under [users.NAME]")
-    keys: dict[str, User] = {}
-    for name, entry in (data.get("users") or {}).items():
+    users = data.get("users") or {}
+    for name, entry in users.items():
         where = f"{path}: users.{name}"
         if not isinstance(entry, dict):
             raise InvalidInput(f"{where}: expected a table")
@@ -72,15 +84,11 @@ def load_keys(path: Path) -> dict[str, User]:
         rpm = entry.get("requests_per_minute")
         if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 1):
             raise InvalidInput(f"{where}.requests_per_minute: expected a positive integer, got {rpm!r}")
-        user = User(name, frozenset(groups), rpm)
         for digest in entry.get("keys", []):
             if not isinstance(digest, str) or not DIGEST.match(digest):
                 raise InvalidInput(f"{where}.keys: {digest!r} is not \"sha256:<64 hex digits>\" (store digests, "
                                    "never keys; clowderctl apikey create writes them)")
-            if digest in keys:
-                raise InvalidInput(f"{where}.keys: {digest} is also a key of user {keys[digest].name!r}")
-            keys[digest] = user
-    return keys
+    return users
 
 
 class KeyRing:
