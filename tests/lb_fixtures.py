@@ -47,7 +47,9 @@ class LbServer:
         self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
-        shared = Shared(keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None)
+        shared = Shared(data_dir=self.policy.data_dir,
+                        keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None,
+                        summarise=lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
         self.workers = Workers()
         self.chains = ChainBuilder(self.policy, shared)
@@ -67,6 +69,7 @@ class LbServer:
         await serving
         await grpc_server.stop(1)
         await self.workers.close()
+        shared.close()
 
     def put_route(self, route: Route) -> None:
         """Publish a route, as the controller's route watch does."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 
 import grpc
@@ -248,7 +249,9 @@ def guarded(worker, client, tmp_path_factory):
     configs = {"tiny": {}, "research-only": {"access_groups": ["research"]},
                "redacting": {"filters": {"output": {"redact": [words[0]], "replacement": "###"}}},
                "blocking": {"filters": {"output": {"block": [words[1]]}}},
-               "briefed": {"prompts": {"system": "You are a terse assistant."}, "security": {"max_input_bytes": 50}}}
+               "briefed": {"prompts": {"system": "You are a terse assistant."}, "security": {"max_input_bytes": 50}},
+               "chatty": {"conversation": {"enabled": True, "max_messages": 4}},
+               "summarising": {"conversation": {"enabled": True, "max_messages": 2, "policy": "summarise"}}}
     for name, config in configs.items():
         server.put_route(tiny_route(worker, name, config))
     yield server, answer, words
@@ -302,3 +305,51 @@ def test_the_system_prompt_is_prepended_and_the_input_limit_enforced(guarded, cl
     with pytest.raises(openai.APIStatusError) as e:
         chat(alice, model="briefed", messages=[{"role": "user", "content": "y" * 60}])
     assert e.value.status_code == 413 and "max_input_bytes" in e.value.message
+
+
+def converse(client, model: str, content: str, conversation_id: str | None = None):
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=6,
+        metadata={"conversation_id": conversation_id} if conversation_id else None)
+    return raw.headers["x-clowder-conversation-id"], raw.parse()
+
+
+def test_a_conversation_puts_the_earlier_messages_back_and_trims_the_oldest(guarded):
+    server, _, _ = guarded
+    alice = keyed(server, "ck-alice")
+    conversation_id, first = converse(alice, "chatty", "Hello there")
+    assert conversation_id.startswith("conv-")
+    history = [{"role": "user", "content": "Hello there"},
+               {"role": "assistant", "content": first.choices[0].message.content}]
+    for content in ("And then?", "Why so?", "Tell me more"):
+        same_id, reply = converse(alice, "chatty", content, conversation_id)
+        assert same_id == conversation_id
+        kept = history[-4:]  # max_messages
+        explicit = chat(alice, model="tiny", messages=kept + [{"role": "user", "content": content}], max_tokens=6)
+        assert reply.usage.prompt_tokens == explicit.usage.prompt_tokens
+        assert reply.choices[0].message.content == explicit.choices[0].message.content
+        history += [{"role": "user", "content": content},
+                    {"role": "assistant", "content": reply.choices[0].message.content}]
+
+
+def test_a_conversation_is_its_starters_alone(guarded):
+    server, _, _ = guarded
+    conversation_id, _ = converse(keyed(server, "ck-alice"), "chatty", "Hello there")
+    with pytest.raises(openai.NotFoundError) as e:
+        converse(keyed(server, "ck-bob"), "chatty", "Hi", conversation_id)
+    assert conversation_id in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        converse(keyed(server, "ck-alice"), "chatty", "Hi", "no spaces allowed")
+
+
+def test_summarise_replaces_what_no_longer_fits_by_the_models_summary(guarded):
+    server, _, _ = guarded
+    alice = keyed(server, "ck-alice")
+    conversation_id, _ = converse(alice, "summarising", "Hello there")
+    converse(alice, "summarising", "And then?", conversation_id)
+    converse(alice, "summarising", "Why so?", conversation_id)
+    db = sqlite3.connect(server.policy.data_dir / "conversations.sqlite")
+    summary, messages = db.execute("SELECT summary, messages FROM conversations WHERE id = ?",
+                                   (conversation_id,)).fetchone()
+    assert summary  # written by the model from the two oldest messages
+    assert [m["content"] for m in json.loads(messages) if m["role"] == "user"] == ["And then?", "Why so?"]

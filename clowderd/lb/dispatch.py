@@ -21,6 +21,7 @@ import grpc
 from clowderd.lb.errors import ApiError
 from clowderd.lb.routes import NoReplica, Route, RouteTable
 from clowderd.lb.upstream import Workers, generate_request
+from clowderd.middleware import conversation
 from clowderd.middleware.base import Call, Chain, Outcome, Refused, StopChoice
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # Worker answers that mean "not this replica": the call is tried on another one if nothing was sent yet.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
 CLIENT_GONE = 499  # the status an outcome records when the caller went away
+SUMMARY_MAX_TOKENS = 256
 
 
 @dataclass
@@ -106,6 +108,14 @@ class Dispatcher:
         finally:
             outcome.seconds = time.perf_counter() - call.received
             await asyncio.shield(chain.outcome(call, outcome))
+
+    async def summarise(self, caller: Call, messages: list[dict]) -> str:
+        """A summary of `messages` by the caller's deployment, called as the caller (the conversation
+        middleware's own call: it skips conversation keeping)."""
+        call = Call(method="chat", model=caller.model, messages=conversation.summary_request(messages),
+                    sampling={"temperature": 0.0, "max_tokens": SUMMARY_MAX_TOKENS}, api_key=caller.api_key,
+                    client=caller.client, state={"conversation": conversation.SKIP})
+        return "".join([p.text async for p in self.run(call) if isinstance(p, Text)])
 
     async def _choices(self, call: Call, route: Route, chain: Chain, n: int, usage: Usage,
                        outcome: Outcome) -> AsyncIterator[Piece]:

@@ -28,7 +28,9 @@ class LbNode:
         self.policy = LbPolicy(data_dir=Path(cfg.data_dir) / "lb", middleware=list(http.middleware),
                                keys_file=Path(http.keys_file) if http.keys_file else None,
                                requests_per_minute=http.requests_per_minute)
-        self.shared = Shared(keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None)
+        self.shared = Shared(data_dir=self.policy.data_dir,
+                             keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None,
+                             summarise=lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
         self.workers = Workers()
         self.chains = ChainBuilder(self.policy, self.shared)
@@ -38,6 +40,11 @@ class LbNode:
         cfg = self.process.config
         http = cfg.lb_http
         self.process.on_shutdown(self.workers.close, "close the lb's worker connections")
+
+        async def close_shared() -> None:
+            self.shared.close()
+
+        self.process.on_shutdown(close_shared, "close the lb's middleware resources")
         if http.listen is None:
             return
         app = OpenAIApp(self.dispatcher, http.max_body_bytes).app()

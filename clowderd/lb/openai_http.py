@@ -97,14 +97,15 @@ class OpenAIApp:
             return _error_response(e, call)
         if call.stream:
             return StreamingResponse(self._events(enc, first, pieces), media_type="text/event-stream",
-                                     headers={OVERHEAD_HEADER: _overhead_ms(call), "cache-control": "no-cache"})
+                                     headers={**call.response_headers, OVERHEAD_HEADER: _overhead_ms(call),
+                                              "cache-control": "no-cache"})
         try:
             enc.add(first)
             async for piece in pieces:
                 enc.add(piece)
         except ApiError as e:
             return _error_response(e, call)
-        return JSONResponse(enc.whole(), headers={OVERHEAD_HEADER: _overhead_ms(call)})
+        return JSONResponse(enc.whole(), headers={**call.response_headers, OVERHEAD_HEADER: _overhead_ms(call)})
 
     async def _body(self, request: Request) -> object:
         declared = request.headers.get("content-length")

@@ -62,6 +62,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise ApiError(400, "messages: required: a non-empty list of {role, content}")
             async for piece in self.dispatcher.run(call):
                 yield piece
+            if call.response_headers:
+                context.set_trailing_metadata(tuple(call.response_headers.items()))
         except ApiError as e:
             await context.abort(e.grpc_code(), e.message)
 

@@ -63,6 +63,7 @@ class Call:
     created: int = field(default_factory=lambda: int(time.time()))
     received: float = field(default_factory=time.perf_counter)
     state: dict = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)  # set by middleware, sent to the caller
 
     def __post_init__(self):
         if not self.id:

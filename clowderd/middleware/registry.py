@@ -1,8 +1,8 @@
 """The chain of a deployment: the lb's own middleware first (the cluster's policy, by name), then the
 built-ins that the aimage's configuration switches on, in a fixed order that makes sense on the way in:
 
-    auth, rate-limit, security, input-filter, prompts, output-filter, call-log, audit, webhooks,
-    query-storage
+    auth, rate-limit, security, input-filter, conversation, prompts, output-filter, call-log, audit,
+    webhooks, query-storage
 
 (on the way out the order reverses: the output filter sees the model's text first, and what is logged,
 audited and stored is what the caller received). Third-party middleware registers a factory under the
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from clowderd.errors import InvalidInput
-from clowderd.middleware import auth, filters, prompts, ratelimit, security
+from clowderd.middleware import auth, conversation, filters, prompts, ratelimit, security
 from clowderd.middleware.base import Chain, Middleware
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,22 @@ class LbPolicy:
 
 @dataclass
 class Shared:
-    """What the middleware of every deployment shares: loaded once per lb."""
+    """What the middleware of every deployment shares: made once per lb."""
+    data_dir: Path
     keys: auth.KeyRing | None
+    summarise: conversation.Summarise  # runs a summary through the deployment's own model
     buckets: ratelimit.Buckets = field(default_factory=ratelimit.Buckets)
-    extra: dict = field(default_factory=dict)  # resources of further built-ins and plugins, by name
+    _conversations: conversation.ConversationStore | None = None
+
+    def conversations(self) -> conversation.ConversationStore:
+        """The conversation history database, opened when a deployment first keeps conversations."""
+        if self._conversations is None:
+            self._conversations = conversation.ConversationStore(self.data_dir / "conversations.sqlite")
+        return self._conversations
+
+    def close(self) -> None:
+        if self._conversations is not None:
+            self._conversations.close()
 
 
 BUILTINS: list[tuple[str, Factory]] = [
@@ -50,6 +62,7 @@ BUILTINS: list[tuple[str, Factory]] = [
     ("rate-limit", ratelimit.create),
     ("security", security.create),
     ("input-filter", filters.create_input),
+    ("conversation", conversation.create),
     ("prompts", prompts.create),
     ("output-filter", filters.create_output),
 ]
