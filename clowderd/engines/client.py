@@ -81,7 +81,7 @@ class EngineClient:
     async def start(self, timeout: float = 600.0) -> dict:
         """Start the host and wait until the model is loaded. Raises EngineUnavailable, ModelLoadError,
         AdapterError (as the host reports them) or EngineCrashed."""
-        check_engine(self.engine)
+        check_engine(self.engine, self.params)
         self._dir = Path(tempfile.mkdtemp(prefix="clowder-engine-"))
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
