@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 
+from clowderd.engines.registry import installed_engines
 from clowderd.errors import InvalidInput
 
 CONFIG_VERSION = "clowder.aimage.config/v1"
@@ -123,6 +124,22 @@ def _semantic_problems(obj: dict) -> list[tuple[tuple, list, str]]:
         if isinstance(gpu_count, int) and isinstance(gpus, int) and gpus > gpu_count:
             problems.append(_problem(["engine", name], f"parallelism needs {gpus} GPUs but "
                                                        f"placement.gpu_count is {gpu_count}"))
+    return problems + _unknown_engines(engine)
+
+
+def _unknown_engines(engine: dict) -> list[tuple[tuple, list, str]]:
+    """An engine name, or a section of engine parameters, that names no engine installed here (the
+    built-ins and the plugins): most often a typo."""
+    known = sorted(installed_engines())
+    problems = []
+    name = engine.get("name")
+    if isinstance(name, str) and name not in known:
+        problems.append(_problem(["engine", "name"], f"{name!r} is not one of the engines installed here "
+                                                     f"({', '.join(known)}){_did_you_mean(name, known)}"))
+    for section in engine:
+        if section != "name" and section not in known:
+            problems.append(_problem(["engine", section], "unknown field: no engine of that name is installed "
+                                                          f"here{_did_you_mean(section, known)}"))
     return problems
 
 
