@@ -1,7 +1,9 @@
-"""The lb role's parts, put together once per process: the route table, the connections to workers, the
-middleware chains, the dispatcher that runs calls through them, and the OpenAI-compatible HTTP API."""
+"""The lb role's parts, put together once per process: the route table (kept from the controller's route
+watch), the connections to workers, the middleware chains, the dispatcher that runs calls through them,
+and the OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 from clowderd import httpserver
 from clowderd.lb.dispatch import Dispatcher
 from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from clowderd.lb.upstream import Workers
 from clowderd.middleware.auth import KeyRing
@@ -39,6 +42,15 @@ class LbNode:
     def start(self) -> None:
         cfg = self.process.config
         http = cfg.lb_http
+        watch = RouteWatch(self.routes, lambda: self.process.controller_address("lb"), cfg.node_name,
+                           on_change=self.chains.forget)
+        watching = asyncio.get_running_loop().create_task(watch.run(), name="lb-route-watch")
+
+        async def stop_watching() -> None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+        self.process.on_shutdown(stop_watching, "stop watching routes")
         self.process.on_shutdown(self.workers.close, "close the lb's worker connections")
 
         async def close_shared() -> None:

@@ -6,7 +6,8 @@ built-ins that the aimage's configuration switches on, in a fixed order that mak
 
 (on the way out the order reverses: the output filter sees the model's text first, and what is logged,
 audited and stored is what the caller received). Third-party middleware registers a factory under the
-entry point group "clowder.middleware"; `[lb] middleware = ["name", ...]` puts it in every chain. A
+entry point group "clowder.middleware"; `[lb] middleware = ["name", ...]` puts it in every chain, and a
+route from the controller can name more for its deployment (the cluster's policy). A
 factory is `create(config, policy, shared) -> Middleware | None`, given the aimage configuration, the
 lb's settings and the lb-wide resources; it returns None when the configuration does not ask for it.
 """
@@ -85,20 +86,25 @@ class ChainBuilder:
         self.policy = policy
         self.shared = shared
         self.builtins = BUILTINS if builtins is None else builtins
-        self.plugins = [(name, load_plugin(name)) for name in policy.middleware]
+        self.plugins = {name: load_plugin(name) for name in policy.middleware}
         self._chains: dict[tuple[str, str], Chain] = {}
 
     def __call__(self, route) -> Chain:
         key = (route.deployment, route.manifest_digest)
         chain = self._chains.get(key)
         if chain is None:
-            chain = self._chains[key] = self.build(route.config)
+            chain = self._chains[key] = self.build(route.config, route.middleware)
             log.info("middleware chain", extra={"deployment": route.deployment, "chain": chain.names()})
         return chain
 
-    def build(self, config: dict) -> Chain:
+    def build(self, config: dict, deployment_middleware: list[str] = ()) -> Chain:
+        """The lb's own middleware, then the deployment's (as the controller names it), then the built-ins."""
+        for name in deployment_middleware:
+            if name not in self.plugins:
+                self.plugins[name] = load_plugin(name)
+        names = list(dict.fromkeys([*self.policy.middleware, *deployment_middleware]))
         made = []
-        for name, factory in self.plugins + self.builtins:
+        for name, factory in [(n, self.plugins[n]) for n in names] + self.builtins:
             middleware = factory(config, self.policy, self.shared)
             if middleware is not None:
                 made.append(middleware)
