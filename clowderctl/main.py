@@ -2,7 +2,8 @@
 
 Image commands (build, images, inspect, tag, rmi, gc, fsck, df, demo) work on this node's content
 store in the data directory that clowderd uses, the way `git` works on a repository: no daemon
-needs to run, and both may run at once.
+needs to run, and both may run at once. Cluster commands (nodes, node, events, token) call the
+controller's admin API (--controller, --token).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import click
 
-from clowderctl import apikeys, distribution, images
+from clowderctl import apikeys, audit, cluster, distribution, images
 from clowderd.errors import ClowderError
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
@@ -37,7 +38,7 @@ class _Cli(click.Group):
 )
 @click.pass_context
 def cli(ctx: click.Context, data_dir: str) -> None:
-    """Administer Clowder: build and manage aimages on this node."""
+    """Administer Clowder: build and manage aimages on this node, and the cluster through its controller."""
     ctx.obj = images.StoreContext(data_dir)
     ctx.call_on_close(ctx.obj.close)
 
@@ -45,6 +46,8 @@ def cli(ctx: click.Context, data_dir: str) -> None:
 images.register(cli)
 distribution.register(cli)
 apikeys.register(cli)
+cluster.register(cli)
+audit.register(cli)
 
 
 def main() -> None:

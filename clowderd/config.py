@@ -20,6 +20,8 @@ The file (TOML, read with tomllib)::
 
     [controller]
     listen = "127.0.0.1:7070"
+    heartbeat_interval_seconds = 5   # how often workers heartbeat (told to them when they join)
+    heartbeat_grace_seconds = 15     # a node silent for this long is marked unreachable
     [storage]
     listen = "127.0.0.1:7071"
     http_listen = "127.0.0.1:5000"   # OCI Distribution API; "" turns it off
@@ -30,6 +32,7 @@ The file (TOML, read with tomllib)::
     [worker]
     listen = "127.0.0.1:7072"
     controller = "127.0.0.1:7070"
+    join_token_file = "/etc/clowder/join-token"   # or join_token = "..." (default beside a controller: its file)
     pull_from = "local-storage"      # or "any": also pull from remote OCI registries
     [lb]
     listen = "127.0.0.1:7073"
@@ -41,6 +44,8 @@ The file (TOML, read with tomllib)::
     keys_file = "/etc/clowder/lb-keys.toml"   # API keys (clowderctl apikey create); without it: no auth
     requests_per_minute = 600        # per caller, unless the keys file gives the user a limit
     middleware = ["acme-guard"]      # installed middleware (entry points), before the built-ins
+    audit_log = "/var/lib/clowder/lb/audit.log"   # hash-chained; "" turns it off (default: in data_dir)
+    secrets_file = "/etc/clowder/lb-secrets.toml" # [secrets] name = "..." for signing webhooks
 """
 from __future__ import annotations
 
@@ -66,14 +71,21 @@ ROLES = ("controller", "storage", "worker", "lb")
 DEFAULT_PORTS = {"controller": 7070, "storage": 7071, "worker": 7072, "lb": 7073}
 
 # Listening on loopback by default is deliberate. Operators of cluster services often expect
-# 0.0.0.0, but until the admin API and Membership are authenticated (join tokens, TLS), a
-# default that exposes "deploy anything, drain any node" to the whole network is the wrong
-# trade. A one-node install works as is; a multi-node install sets `listen = "0.0.0.0:707x"`
+# 0.0.0.0, but while the admin API and Membership send their tokens without TLS, a default
+# that exposes "deploy anything, drain any node" to the whole network is the wrong trade. A
+# one-node install works as is; a multi-node install sets `listen = "0.0.0.0:707x"`
 # in /etc/clowder/clowderd.toml, a one-line, explicit decision (the example config shows it).
 DEFAULT_HOST = "127.0.0.1"
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 5.0
+DEFAULT_HEARTBEAT_GRACE_SECONDS = 15.0
+# Written by the controller role, relative to its data dir, mode 0600: the token that admits
+# new nodes, and the token of the admin API. A worker in the same process as the controller
+# reads the join token from there unless [worker] join_token(_file) says otherwise.
+JOIN_TOKEN_FILE = "controller/join-token"
+ADMIN_TOKEN_FILE = "controller/admin-token"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 PULL_FROM = ("local-storage", "any")
@@ -81,7 +93,7 @@ PULL_FROM = ("local-storage", "any")
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
 
 
 class ConfigError(InvalidInput):
@@ -134,6 +146,8 @@ class LbHTTPConfig:
     keys_file: str | None = None  # None: callers are not authenticated
     requests_per_minute: int | None = None
     middleware: list[str] = field(default_factory=list)
+    audit_log: str | None = ""    # "": <data_dir>/lb/audit.log; None: off
+    secrets_file: str | None = None
 
 
 @dataclass
@@ -149,6 +163,13 @@ class Config:
     # Where the worker pulls aimages from: "local-storage" (only the storage node it is told to
     # use, clowder://) or "any" (also remote OCI registries).
     worker_pull_from: str = "local-storage"
+    # How the worker proves it may join: the token itself, or a file holding it (read at each
+    # join, so that a rotated token is picked up). One of them, or neither with the controller
+    # role in this process (then its JOIN_TOKEN_FILE).
+    worker_join_token: str | None = None
+    worker_join_token_file: str | None = None
+    heartbeat_interval_seconds: float = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
+    heartbeat_grace_seconds: float = DEFAULT_HEARTBEAT_GRACE_SECONDS
     registry_http: RegistryHTTPConfig = field(
         default_factory=lambda: RegistryHTTPConfig(Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)))
     lb_http: LbHTTPConfig = field(default_factory=lambda: LbHTTPConfig(Address(DEFAULT_HOST, DEFAULT_LB_HTTP_PORT)))
@@ -217,13 +238,15 @@ _SCHEMA: dict[str, Any] = {
     "shutdown_grace_seconds": "seconds",
     "labels": "labels",
     "log": {"level": "level", "format": "format"},
-    "controller": {"listen": "listen"},
+    "controller": {"listen": "listen", "heartbeat_interval_seconds": "seconds",
+                   "heartbeat_grace_seconds": "seconds"},
     "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
                 "tokens_file": "path", "anonymous_read": "bool"},
-    "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from"},
+    "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from", "join_token": "str",
+               "join_token_file": "path"},
     "lb": {"listen": "listen", "controller": "connect", "http_listen": "listen", "tls_cert": "path",
            "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
-           "middleware": "names"},
+           "middleware": "names", "audit_log": "path", "secrets_file": "path"},
 }
 
 
@@ -315,7 +338,7 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
         if not isinstance(v, dict):
             raise ConfigError(f"{w('labels')}: expected a table of strings, got {_tname(v)}")
         for lk, lv in v.items():
-            if not _LABEL_KEY_RE.match(lk):
+            if not LABEL_KEY_RE.match(lk):
                 raise ConfigError(f"{w('labels')}.{lk}: invalid label key {lk!r}")
             if not isinstance(lv, str):
                 raise ConfigError(f"{w('labels')}.{lk}: expected a string, got {_tname(lv)}")
@@ -362,6 +385,7 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
         if v not in PULL_FROM:
             raise ConfigError(f"{w('worker.pull_from')}: {v!r} is not one of {', '.join(PULL_FROM)}")
         cfg.worker_pull_from = v
+    _membership(cfg, raw, w, file_path)
 
     seen: dict[Address, str] = {}
     listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]
@@ -377,6 +401,40 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
     return cfg
 
 
+def _seconds(raw: Mapping[str, Any], w: Any, key: str, default: float, low: float, high: float) -> float:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+        raise ConfigError(f"{w(key)}: expected a number of seconds from {low:g} to {high:g}, got {v!r}")
+    return float(v)
+
+
+def _membership(cfg: Config, raw: Mapping[str, Any], w: Any, file_path: str | None) -> None:
+    """The heartbeat timing of [controller] and the join token of [worker]."""
+    cfg.heartbeat_interval_seconds = _seconds(raw, w, "controller.heartbeat_interval_seconds",
+                                              DEFAULT_HEARTBEAT_INTERVAL_SECONDS, 0.1, 300)
+    cfg.heartbeat_grace_seconds = _seconds(raw, w, "controller.heartbeat_grace_seconds",
+                                           DEFAULT_HEARTBEAT_GRACE_SECONDS, 0.2, 3600)
+    if cfg.heartbeat_grace_seconds < 2 * cfg.heartbeat_interval_seconds:
+        raise ConfigError(f"{w('controller.heartbeat_grace_seconds')}: {cfg.heartbeat_grace_seconds:g} is less "
+                          f"than twice controller.heartbeat_interval_seconds ({cfg.heartbeat_interval_seconds:g}); "
+                          "one late heartbeat would mark a node unreachable")
+    token = raw.get("worker.join_token")
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ConfigError(f"{w('worker.join_token')}: expected the join token as a non-empty string")
+    token_file = _paths(raw, w, "worker", ("join_token_file",))["join_token_file"]
+    if token is not None and token_file is not None:
+        raise ConfigError(f"{w('worker.join_token')}: set join_token or join_token_file, not both")
+    if token is None and token_file is None and "worker" in cfg.roles:
+        if "controller" in cfg.roles:
+            token_file = os.path.join(cfg.data_dir, JOIN_TOKEN_FILE)
+        else:
+            where = f"{file_path}: worker" if file_path else "worker"
+            raise ConfigError(f"{where}: join_token or join_token_file is required when the worker role runs "
+                              "without the controller role in the same process (`clowderctl token` on the "
+                              f"controller prints it; it is also in the controller's DATA_DIR/{JOIN_TOKEN_FILE})")
+    cfg.worker_join_token, cfg.worker_join_token_file = token, token_file
+
+
 def _http_listen(raw: Mapping[str, Any], w: Any, section: str, default_port: int) -> Address | None:
     key = f"{section}.http_listen"
     if key not in raw:
@@ -386,7 +444,7 @@ def _http_listen(raw: Mapping[str, Any], w: Any, section: str, default_port: int
 
 
 def _paths(raw: Mapping[str, Any], w: Any, section: str, names: tuple[str, ...]) -> dict[str, str | None]:
-    """Path settings of a section, absolute; tls_cert and tls_key both or neither."""
+    """Path settings of a section, absolute; tls_cert and tls_key both or neither when named."""
     paths: dict[str, str | None] = {}
     for name in names:
         k = f"{section}.{name}"
@@ -394,7 +452,7 @@ def _paths(raw: Mapping[str, Any], w: Any, section: str, names: tuple[str, ...])
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{w(k)}: expected a non-empty path string, got {v!r}")
         paths[name] = os.path.abspath(os.path.expanduser(v)) if v else None
-    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+    if "tls_cert" in paths and (paths["tls_cert"] is None) != (paths["tls_key"] is None):
         given, missing = ("tls_cert", "tls_key") if paths["tls_cert"] else ("tls_key", "tls_cert")
         raise ConfigError(f"{w(f'{section}.{given}')}: set {section}.{missing} too; TLS needs the certificate "
                           "and its key")
@@ -403,7 +461,7 @@ def _paths(raw: Mapping[str, Any], w: Any, section: str, names: tuple[str, ...])
 
 def _lb_http(raw: Mapping[str, Any], w: Any) -> LbHTTPConfig:
     """The [lb] keys of the OpenAI-compatible HTTP API and its middleware."""
-    paths = _paths(raw, w, "lb", ("tls_cert", "tls_key", "keys_file"))
+    paths = _paths(raw, w, "lb", ("tls_cert", "tls_key", "keys_file", "secrets_file"))
     max_body = raw.get("lb.max_body_bytes", DEFAULT_MAX_BODY_BYTES)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
         raise ConfigError(f"{w('lb.max_body_bytes')}: expected an integer of at least 1024, got {max_body!r}")
@@ -413,8 +471,13 @@ def _lb_http(raw: Mapping[str, Any], w: Any) -> LbHTTPConfig:
     middleware = raw.get("lb.middleware", [])
     if not isinstance(middleware, list) or not all(isinstance(m, str) and m for m in middleware):
         raise ConfigError(f"{w('lb.middleware')}: expected a list of installed middleware names, got {middleware!r}")
+    audit_log = raw.get("lb.audit_log", "")
+    if not isinstance(audit_log, str):
+        raise ConfigError(f"{w('lb.audit_log')}: expected a path, or \"\" for none, got {audit_log!r}")
+    if "lb.audit_log" in raw:
+        audit_log = os.path.abspath(os.path.expanduser(audit_log)) if audit_log else None
     return LbHTTPConfig(_http_listen(raw, w, "lb", DEFAULT_LB_HTTP_PORT), paths["tls_cert"], paths["tls_key"],
-                        max_body, paths["keys_file"], rpm, list(middleware))
+                        max_body, paths["keys_file"], rpm, list(middleware), audit_log, paths["secrets_file"])
 
 
 def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
@@ -445,6 +508,11 @@ def as_dict(cfg: Config) -> dict[str, Any]:
         d[r] = {"listen": str(rc.listen)}
         if rc.controller:
             d[r]["controller"] = str(rc.controller)
+    if "controller" in cfg.roles:
+        d["controller"].update({"heartbeat_interval_seconds": cfg.heartbeat_interval_seconds,
+                                "heartbeat_grace_seconds": cfg.heartbeat_grace_seconds})
+    if "worker" in cfg.roles:
+        d["worker"]["join_token_file"] = cfg.worker_join_token_file  # the token itself stays out of logs
     if "lb" in cfg.roles:
         d["lb"].update({"http_listen": str(cfg.lb_http.listen) if cfg.lb_http.listen else "",
                         "tls": cfg.lb_http.tls_cert is not None, "max_body_bytes": cfg.lb_http.max_body_bytes})

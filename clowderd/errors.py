@@ -19,3 +19,7 @@ class DigestMismatch(ClowderError):
 
 class StoreError(ClowderError):
     """The content store cannot complete an operation (full disk, corrupt blob, lost lock)."""
+
+
+class AlreadyExists(ClowderError):
+    """A name is taken by something else (a node name, a deployment name)."""

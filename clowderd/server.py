@@ -8,13 +8,16 @@ Lifecycle (``Process.run``):
    register that role's services (``clowderd.<role>.service.register``) and ``clowder.v1.Node``
    on it, bind all of them, and only then start them, so a bad address starts nothing.
    Logs one "serving" line per role and tells systemd READY=1 (``Type=notify``).
+   Then the background tasks of ``run_in_background`` start.
 3. Wait for ``request_stop`` (SIGTERM / SIGINT in ``main``).
-4. ``shutdown``: Node.Watch streams get STOPPING and end; every server stops taking new calls
-   and in-flight calls get ``shutdown_grace_seconds`` to finish, then are cancelled; callbacks
-   registered with ``on_shutdown`` run, newest first; log "stopped".
+4. ``shutdown``: Node.Watch streams get STOPPING and end; background tasks are cancelled; every
+   server stops taking new calls and in-flight calls get ``shutdown_grace_seconds`` to finish,
+   then are cancelled; callbacks registered with ``on_shutdown`` run, newest first; log "stopped".
 
-Later components attach here: a role's ``register(server, process)`` adds its servicers and may
-call ``process.on_shutdown(close)`` to release what it opened (stores, engine processes).
+Later components attach here: a role's ``register(server, process)`` adds its servicers, may
+call ``process.run_in_background(loop)`` for work of its own (heartbeats, sweeps) and
+``process.on_shutdown(close)`` to release what it opened (stores, engine processes). Streams that
+would otherwise stay open end when ``wait_stop_requested`` returns.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ SERVER_OPTIONS = [
 ]
 
 ShutdownCallback = Callable[[], Awaitable[Any]]
+BackgroundLoop = Callable[[], Awaitable[Any]]
 
 
 class StartupError(ClowderError):
@@ -255,6 +259,8 @@ class Process:
         self._stop = asyncio.Event()
         self._stop_signals = 0
         self._shutdown_callbacks: list[tuple[str, ShutdownCallback]] = []
+        self._background: list[tuple[str, BackgroundLoop]] = []
+        self._background_tasks: list[asyncio.Task] = []
         self._lock_fd: int | None = None
 
     # -- hooks for components
@@ -268,6 +274,27 @@ class Process:
         self._shutdown_callbacks.append((name or getattr(callback, "__qualname__", repr(callback)),
                                          callback))
         return callback
+
+    def run_in_background(self, loop: BackgroundLoop, name: str) -> None:
+        """Run loop() as a task once every server is serving, until shutdown begins (it is cancelled
+        then, before the servers stop). An exception ends the task and is logged."""
+        self._background.append((name, loop))
+
+    def node_info(self) -> common_pb2.NodeInfo:
+        """This process as it describes itself to the controller (without its inventory)."""
+        return common_pb2.NodeInfo(
+            name=self.config.node_name, node_id=self.node_id, roles=[ROLE_ENUM[r] for r in self.config.roles],
+            labels=self.config.labels, version=__version__,
+            listeners=[common_pb2.Listener(role=ROLE_ENUM[r], address=a, protocol="grpc")
+                       for r, a in self.listeners.items()])
+
+    async def _run_background(self, name: str, loop: BackgroundLoop) -> None:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task failed", extra={"task": name})
 
     # -- lifecycle
 
@@ -307,6 +334,8 @@ class Process:
         await self._set_state(node_pb2.SERVING_STATE_SERVING)
         for role in self.servers:
             log.info("serving", extra={"role": role, "addr": self.listeners[role]})
+        self._background_tasks = [asyncio.create_task(self._run_background(name, loop), name=name)
+                                  for name, loop in self._background]
         sd_notify("READY=1\nSTATUS=serving " + ", ".join(
             f"{r} on {a}" for r, a in self.listeners.items()))
 
@@ -342,7 +371,11 @@ class Process:
     async def shutdown(self) -> None:
         grace = self.config.shutdown_grace_seconds
         sd_notify("STOPPING=1")
+        self._stop.set()
         await self._set_state(node_pb2.SERVING_STATE_STOPPING)
+        for task in self._background_tasks:
+            task.cancel()
+        await asyncio.gather(*self._background_tasks, return_exceptions=True)
         t0 = time.monotonic()
         await asyncio.gather(*(s.stop(grace) for s in self.servers.values()))
         log.debug("servers stopped", extra={"seconds": round(time.monotonic() - t0, 3)})

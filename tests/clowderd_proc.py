@@ -212,6 +212,11 @@ def _default_config(workdir: Path, roles: tuple[str, ...]) -> dict[str, Any]:
     cfg["lb"]["http_listen"] = f"127.0.0.1:{free_port()}"  # nor 7080
     for r in ("worker", "lb"):
         cfg[r]["controller"] = f"127.0.0.1:{ports['controller']}"
+    if "worker" in roles and "controller" not in roles:
+        # A worker needs a join token; tests that run a controller give its own (join_token_file).
+        token_file = workdir / "join-token"
+        token_file.write_text("not-the-token-of-any-controller\n")
+        cfg["worker"]["join_token_file"] = str(token_file)
     return cfg
 
 

@@ -16,7 +16,6 @@ from clowderd.lb.openai_http import OpenAIApp
 from clowderd.lb.routes import Route, RouteTable
 from clowderd.lb.service import InferenceServicer
 from clowderd.lb.upstream import Workers
-from clowderd.middleware.auth import KeyRing
 from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
 from tests.clowderd_proc import free_port
 
@@ -24,7 +23,8 @@ from tests.clowderd_proc import free_port
 class LbServer:
     def __init__(self, data_dir: Path, *, keys_file: Path | None = None, requests_per_minute: int | None = None,
                  max_body_bytes: int = 1 << 20):
-        self.policy = LbPolicy(data_dir=data_dir, keys_file=keys_file, requests_per_minute=requests_per_minute)
+        self.policy = LbPolicy(data_dir=data_dir, keys_file=keys_file, requests_per_minute=requests_per_minute,
+                               audit_log=data_dir / "audit.log")
         self.max_body = max_body_bytes
         self.http_port, self.grpc_port = free_port(), free_port()
         self.loop = asyncio.new_event_loop()
@@ -47,9 +47,7 @@ class LbServer:
         self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
-        shared = Shared(data_dir=self.policy.data_dir,
-                        keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None,
-                        summarise=lambda call, messages: self.dispatcher.summarise(call, messages))
+        shared = Shared.open(self.policy, lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
         self.workers = Workers()
         self.chains = ChainBuilder(self.policy, shared)
@@ -69,7 +67,7 @@ class LbServer:
         await serving
         await grpc_server.stop(1)
         await self.workers.close()
-        shared.close()
+        await shared.close()
 
     def put_route(self, route: Route) -> None:
         """Publish a route, as the controller's route watch does."""

@@ -84,8 +84,47 @@ def test_worker_without_controller_needs_its_address(tmp_path):
     path = write(tmp_path, 'roles = ["worker"]\n')
     with pytest.raises(ConfigError, match="worker.controller: required"):
         build_config(path, {})
-    path2 = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n')
+    path2 = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\njoin_token = "t"\n')
     assert build_config(path2, {}).role["worker"].controller == Address("ctl.example", 7070)
+
+
+def test_worker_of_a_remote_controller_needs_one_join_token(tmp_path):
+    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: worker: join_token or join_token_file is required"):
+        build_config(path, {})
+    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n'
+                           'join_token = "t"\njoin_token_file = "/etc/clowder/join-token"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: worker.join_token: set join_token or join_token_file, not both"):
+        build_config(path, {})
+    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n'
+                           'join_token_file = "/etc/clowder/join-token"\n')
+    assert build_config(path, {}).worker_join_token_file == "/etc/clowder/join-token"
+
+
+def test_worker_beside_the_controller_reads_its_join_token_file(tmp_path):
+    cfg = build_config(None, {"data_dir": str(tmp_path)})
+    assert cfg.worker_join_token is None
+    assert cfg.worker_join_token_file == str(tmp_path / "controller" / "join-token")
+
+
+@pytest.mark.parametrize("controller, expect", [
+    ({"heartbeat_interval_seconds": 0}, r"controller.heartbeat_interval_seconds: expected a number of seconds "
+                                        r"from 0.1 to 300, got 0"),
+    ({"heartbeat_grace_seconds": "10"}, r"controller.heartbeat_grace_seconds: expected a number of seconds"),
+    ({"heartbeat_interval_seconds": 5, "heartbeat_grace_seconds": 8},
+     r"controller.heartbeat_grace_seconds: 8 is less than twice controller.heartbeat_interval_seconds \(5\)"),
+])
+def test_heartbeat_timing_errors_name_the_key(tmp_path, controller, expect):
+    with pytest.raises(ConfigError, match=expect):
+        build_config(write(tmp_path, to_toml({"controller": controller})), {})
+
+
+def test_heartbeat_timing_from_the_file(tmp_path):
+    cfg = build_config(write(tmp_path, to_toml({"controller": {"heartbeat_interval_seconds": 0.5,
+                                                               "heartbeat_grace_seconds": 2}})), {})
+    assert (cfg.heartbeat_interval_seconds, cfg.heartbeat_grace_seconds) == (0.5, 2.0)
+    assert (build_config(None, {}).heartbeat_interval_seconds, build_config(None, {}).heartbeat_grace_seconds) == \
+        (5.0, 15.0)
 
 
 @pytest.mark.parametrize("value, ok", [
@@ -164,7 +203,7 @@ def test_data_dir_created_0750(clowderd, tmp_path):
 
 def test_controller_flag_sets_worker_and_lb_controller():
     cfg = build_config(None, {"roles": "worker,lb", "worker.controller": "c:1",
-                              "lb.controller": "c:1"},
+                              "lb.controller": "c:1", "worker.join_token": "t"},
                        {"worker.controller": "--controller", "lb.controller": "--controller"})
     assert cfg.role["worker"].controller == cfg.role["lb"].controller == Address("c", 1)
     with pytest.raises(ConfigError, match=r"^--controller: 'c' is not HOST:PORT"):
@@ -180,3 +219,11 @@ def test_flags_override_the_file_in_the_real_program(clowderd):
     assert info.node_name == "from-flag"
     assert proc.stop() == 0
     assert "serving role=storage" in proc.stderr_text()
+
+
+def test_an_unreadable_join_token_file_exits_2_naming_the_key_and_file(clowderd, tmp_path):
+    missing = tmp_path / "no-such-token"
+    proc = clowderd(roles=("worker",), config_extra={"worker": {"join_token_file": str(missing)}}, wait=False)
+    assert proc.wait() == 2, proc.stderr_text()
+    err = proc.stderr_text()
+    assert "worker.join_token_file" in err and f"cannot read the join token from {missing}" in err

@@ -50,8 +50,8 @@ def test_subset_of_roles_starts_only_those_servers(clowderd):
 
 
 @pytest.mark.parametrize("role, call", [
-    ("controller", lambda ch: controller_pb2_grpc.ControllerStub(ch).ListNodes(
-        controller_pb2.ListNodesRequest(), timeout=5)),
+    ("controller", lambda ch: controller_pb2_grpc.ControllerStub(ch).ListDeployments(
+        controller_pb2.ListDeploymentsRequest(), timeout=5)),
     ("controller", lambda ch: list(controller_pb2_grpc.MembershipStub(ch).WatchRoutes(
         controller_pb2.WatchRoutesRequest(), timeout=5))),
     ("storage", lambda ch: registry_pb2_grpc.RegistryStub(ch).PutBlob(

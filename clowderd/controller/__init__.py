@@ -1,5 +1,9 @@
-"""The controller role: desired state, node membership, scheduling, reconcile loop; serves the admin
+"""The controller role: desired and observed state, node membership, scheduling; serves the admin
 API (clowder.v1.Controller) and clowder.v1.Membership.
+
+state.py is the SQLite database; cluster.py runs its calls off the event loop and tells watchers what
+changed; tokens.py keeps the join and admin tokens and node credentials; membership.py and admin.py
+are the two services; service.py puts them together and sweeps silent nodes to unreachable.
 
 Public interface: `clowderd.controller.service.register(server, process)`, called by
 `clowderd.server.Process` when the controller role is enabled. Other roles reach this one over gRPC

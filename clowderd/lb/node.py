@@ -14,7 +14,6 @@ from clowderd.lb.openai_http import OpenAIApp
 from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from clowderd.lb.upstream import Workers
-from clowderd.middleware.auth import KeyRing
 from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
 
 if TYPE_CHECKING:
@@ -28,12 +27,13 @@ class LbNode:
         self.process = process
         cfg = process.config
         http = cfg.lb_http
-        self.policy = LbPolicy(data_dir=Path(cfg.data_dir) / "lb", middleware=list(http.middleware),
+        data_dir = Path(cfg.data_dir) / "lb"
+        audit_log = data_dir / "audit.log" if http.audit_log == "" else Path(http.audit_log) if http.audit_log else None
+        self.policy = LbPolicy(data_dir=data_dir, middleware=list(http.middleware),
                                keys_file=Path(http.keys_file) if http.keys_file else None,
-                               requests_per_minute=http.requests_per_minute)
-        self.shared = Shared(data_dir=self.policy.data_dir,
-                             keys=KeyRing(self.policy.keys_file) if self.policy.keys_file else None,
-                             summarise=lambda call, messages: self.dispatcher.summarise(call, messages))
+                               requests_per_minute=http.requests_per_minute, audit_log=audit_log,
+                               secrets_file=Path(http.secrets_file) if http.secrets_file else None)
+        self.shared = Shared.open(self.policy, lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
         self.workers = Workers()
         self.chains = ChainBuilder(self.policy, self.shared)
@@ -54,7 +54,7 @@ class LbNode:
         self.process.on_shutdown(self.workers.close, "close the lb's worker connections")
 
         async def close_shared() -> None:
-            self.shared.close()
+            await self.shared.close(drain_seconds=cfg.shutdown_grace_seconds / 2)
 
         self.process.on_shutdown(close_shared, "close the lb's middleware resources")
         if http.listen is None:

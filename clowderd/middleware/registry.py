@@ -13,6 +13,7 @@ lb's settings and the lb-wide resources; it returns None when the configuration 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from clowderd.errors import InvalidInput
-from clowderd.middleware import auth, conversation, filters, prompts, ratelimit, security
+from clowderd.middleware import (audit, auth, calllog, conversation, filters, prompts, querystore, ratelimit,
+                                 security, webhooks)
 from clowderd.middleware.base import Chain, Middleware
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class LbPolicy:
     middleware: list[str] = field(default_factory=list)  # the cluster's own, before the built-ins
     keys_file: Path | None = None
     requests_per_minute: int | None = None  # for callers without a limit of their own
+    audit_log: Path | None = None           # None: no audit log
+    secrets_file: Path | None = None        # the webhooks' signing secrets
 
 
 @dataclass
@@ -44,8 +48,20 @@ class Shared:
     data_dir: Path
     keys: auth.KeyRing | None
     summarise: conversation.Summarise  # runs a summary through the deployment's own model
+    audit_log: audit.AuditLog | None = None
+    webhook_sender: webhooks.WebhookSender = field(default_factory=lambda: webhooks.WebhookSender({}))
     buckets: ratelimit.Buckets = field(default_factory=ratelimit.Buckets)
     _conversations: conversation.ConversationStore | None = None
+    _queries: querystore.QueryStore | None = None
+
+    @classmethod
+    def open(cls, policy: LbPolicy, summarise: conversation.Summarise) -> "Shared":
+        """The resources the policy names: keys, audit log, webhook secrets (each file checked now)."""
+        return cls(data_dir=policy.data_dir, summarise=summarise,
+                   keys=auth.KeyRing(policy.keys_file) if policy.keys_file else None,
+                   audit_log=audit.AuditLog(policy.audit_log) if policy.audit_log else None,
+                   webhook_sender=webhooks.WebhookSender(
+                       webhooks.load_secrets(policy.secrets_file) if policy.secrets_file else {}))
 
     def conversations(self) -> conversation.ConversationStore:
         """The conversation history database, opened when a deployment first keeps conversations."""
@@ -53,9 +69,18 @@ class Shared:
             self._conversations = conversation.ConversationStore(self.data_dir / "conversations.sqlite")
         return self._conversations
 
-    def close(self) -> None:
-        if self._conversations is not None:
-            self._conversations.close()
+    def query_store(self) -> querystore.QueryStore:
+        """The stored queries and responses, opened when a deployment first stores them."""
+        if self._queries is None:
+            self._queries = querystore.QueryStore(self.data_dir / "queries.sqlite")
+        return self._queries
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Send what webhooks are queued (for up to drain_seconds), then write and close every file."""
+        await self.webhook_sender.close(drain_seconds=drain_seconds)
+        for resource in (self.audit_log, self._queries, self._conversations):
+            if resource is not None:
+                await asyncio.to_thread(resource.close)
 
 
 BUILTINS: list[tuple[str, Factory]] = [
@@ -66,6 +91,10 @@ BUILTINS: list[tuple[str, Factory]] = [
     ("conversation", conversation.create),
     ("prompts", prompts.create),
     ("output-filter", filters.create_output),
+    ("call-log", calllog.create),
+    ("audit", audit.create),
+    ("webhooks", webhooks.create),
+    ("query-storage", querystore.create),
 ]
 
 

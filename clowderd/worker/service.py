@@ -1,8 +1,9 @@
-"""gRPC services of the worker role: clowder.v1.Worker over this node's replicas (replicas.py).
+"""The worker role: clowder.v1.Worker over this node's replicas (replicas.py), and the agent that keeps
+this node a member of the cluster and runs the replicas the controller assigns to it (agent.py).
 
 The worker opens the node's content store at <data_dir>/store (model views are hard links into it).
-At shutdown, once the servers have stopped taking calls, every replica is unloaded (engine hosts
-exit, views are removed), then the store is closed.
+At shutdown the agent stops first; once the servers have stopped taking calls, every replica is
+unloaded (engine hosts exit, views are removed), then the store is closed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from clowder.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from clowderd.engines.base import Finished
 from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
 from clowderd.errors import InvalidInput, NotFound
+from clowderd.inventory import Inventory
+from clowderd.server import StartupError
 from clowderd.store.content import ContentStore
+from clowderd.worker.agent import IDENTITY_FILE, JoinTokenUnreadable, WorkerAgent, join_token_reader
 from clowderd.worker.engine_requests import engine_request
 from clowderd.worker.replicas import Replica, ReplicaManager, ReplicaUnavailable
 
@@ -105,15 +109,35 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     config = process.config
     store = ContentStore(Path(config.data_dir) / "store")
     replicas = ReplicaManager(store, config.worker_pull_from)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(replicas, config.node_name), server)
+    servicer = WorkerServicer(replicas, config.node_name)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    join_token = join_token_reader(config.worker_join_token, config.worker_join_token_file)
+    try:
+        join_token()
+    except JoinTokenUnreadable as e:
+        raise StartupError(f"{config.where('worker.join_token_file')}: {e}") from None
+    inventory = Inventory(config.data_dir)
+
+    def joined(node_id: str) -> None:
+        process.node_id = node_id
+
+    async def run_agent() -> None:
+        await WorkerAgent(
+            replicas=replicas, status=servicer.status, controller=process.controller_address("worker"),
+            join_token=join_token, node_info=process.node_info, inventory=inventory,
+            identity_path=Path(config.data_dir) / IDENTITY_FILE, unload_grace=DEFAULT_UNLOAD_GRACE_S,
+            on_joined=joined).run()
+
+    process.run_in_background(run_agent, "worker agent")
 
     async def close_store() -> None:
         store.close()
+        inventory.close()
 
     async def unload_replicas() -> None:
         # Process.shutdown gives each callback max(grace, 1 s); engines still there at half of
         # that are killed, so that none outlives clowderd.
         await replicas.close(max(config.shutdown_grace_seconds, 1.0) / 2)
 
-    process.on_shutdown(close_store, "close the worker's store")
+    process.on_shutdown(close_store, "close the worker's store and NVML")
     process.on_shutdown(unload_replicas, "unload the worker's replicas")  # runs first

@@ -1,0 +1,435 @@
+"""The controller's desired and observed state: one SQLite database (WAL) in its data directory.
+
+- nodes: who joined (id, name, credential digest), how to reach them, what they last reported
+  (description, inventory, replicas, heartbeat time) and what the admin set (labels, cordon, drain);
+- secrets: digests of the join and admin tokens;
+- events: append-only, the newest EVENTS_KEPT kept;
+- deployments and replicas: what users asked for, and the replicas placed on nodes with what the
+  nodes report back about each. Placing is the scheduler's; `assign`/`unassign` are its writes and
+  `assignments` is what a node is told to run.
+
+ClusterState is synchronous and not thread-safe: one connection, each method one short
+transaction. The controller calls it from one thread (see cluster.py); tests call it directly.
+The schema version is SQLite's user_version; MIGRATIONS[n] takes a database from version n to n+1.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from clowder.v1 import common_pb2
+from clowderd.config import LABEL_KEY_RE
+from clowderd.errors import AlreadyExists, InvalidInput, NotFound, StoreError
+
+READY, UNREACHABLE = "ready", "unreachable"
+NORMAL, WARNING = "Normal", "Warning"
+EVENTS_KEPT = 10_000
+LABEL_VALUE_MAX = 253
+
+MIGRATIONS: tuple[str, ...] = ("""
+CREATE TABLE secrets (
+    name       TEXT PRIMARY KEY,          -- 'join', 'admin'
+    sha256     TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE nodes (
+    id                TEXT PRIMARY KEY,
+    name              TEXT NOT NULL UNIQUE,
+    credential_sha256 TEXT NOT NULL,
+    roles             TEXT NOT NULL,      -- role names, comma-separated
+    worker_address    TEXT NOT NULL,      -- '' without the worker role
+    info              TEXT NOT NULL,      -- NodeInfo as JSON, as of the last join, without inventory
+    inventory         TEXT NOT NULL,      -- ResourceInventory as JSON, from the last heartbeat
+    reported_replicas TEXT NOT NULL,      -- JSON array of ReplicaStatus, from the last heartbeat
+    labels            TEXT NOT NULL,      -- JSON object: the labels set by the admin
+    cordoned          INTEGER NOT NULL DEFAULT 0,
+    draining          INTEGER NOT NULL DEFAULT 0,
+    state             TEXT NOT NULL CHECK (state IN ('ready', 'unreachable')),
+    state_since       REAL NOT NULL,
+    joined_at         REAL NOT NULL,
+    last_heartbeat    REAL NOT NULL
+);
+CREATE TABLE events (
+    revision    INTEGER PRIMARY KEY AUTOINCREMENT,
+    time        REAL NOT NULL,
+    severity    TEXT NOT NULL CHECK (severity IN ('Normal', 'Warning')),
+    reason      TEXT NOT NULL,
+    object_kind TEXT NOT NULL,
+    object_name TEXT NOT NULL,
+    node_name   TEXT NOT NULL,
+    message     TEXT NOT NULL
+);
+CREATE INDEX events_by_object ON events (object_kind, object_name, revision);
+CREATE TABLE deployments (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,             -- DeploymentSpec as JSON
+    generation INTEGER NOT NULL,          -- bumped by every change of spec
+    labels     TEXT NOT NULL,             -- JSON object
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE replicas (
+    id                  TEXT PRIMARY KEY,
+    deployment          TEXT NOT NULL,
+    node_id             TEXT REFERENCES nodes (id),  -- NULL: not placed yet
+    spec                TEXT NOT NULL,               -- ReplicaSpec as JSON: what the node runs
+    observed_state      TEXT NOT NULL DEFAULT '',    -- ReplicaState name, '' until the node reports it
+    observed_message    TEXT NOT NULL DEFAULT '',
+    observed_generation INTEGER NOT NULL DEFAULT 0,
+    observed_at         REAL NOT NULL DEFAULT 0,
+    created_at          REAL NOT NULL
+);
+CREATE INDEX replicas_by_node ON replicas (node_id);
+CREATE INDEX replicas_by_deployment ON replicas (deployment);
+""",)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class NodeRecord:
+    id: str
+    name: str
+    roles: list[str]
+    worker_address: str
+    info: common_pb2.NodeInfo  # as of its last join, with the inventory of its last heartbeat
+    replicas: list[common_pb2.ReplicaStatus]
+    labels: dict[str, str]  # set by the admin
+    cordoned: bool
+    draining: bool
+    state: str
+    state_since: float
+    joined_at: float
+    last_heartbeat: float
+
+    def effective_labels(self) -> dict[str, str]:
+        """The node's own labels, overridden by the admin's."""
+        return {**self.info.labels, **self.labels}
+
+
+@dataclass
+class EventRecord:
+    revision: int
+    time: float
+    severity: str
+    reason: str
+    object_kind: str
+    object_name: str
+    node_name: str
+    message: str
+
+
+@dataclass
+class ReplicaRecord:
+    id: str
+    deployment: str
+    node_id: str | None
+    spec: common_pb2.ReplicaSpec
+    observed_state: str
+    observed_message: str
+    observed_generation: int
+    observed_at: float
+
+
+def _to_json(message: Message) -> str:
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"), sort_keys=True)
+
+
+def _from_json(text: str, cls: type) -> Any:
+    return json_format.ParseDict(json.loads(text), cls(), ignore_unknown_fields=True)
+
+
+class ClusterState:
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+        row = self._conn.execute("SELECT MAX(revision) FROM events").fetchone()
+        self.last_event_revision: int = row[0] or 0
+        self._pending_revision = self.last_event_revision
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: controller database schema version {version}, this clowderd "
+                             f"reads versions up to {SCHEMA_VERSION}")
+        for n in range(version, SCHEMA_VERSION):
+            try:
+                self._conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[n]}; PRAGMA user_version = {n + 1}; COMMIT;")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            self._pending_revision = self.last_event_revision
+            raise
+        self._conn.execute("COMMIT")
+        self.last_event_revision = self._pending_revision
+
+    # -- secrets ----------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> tuple[str, float] | None:
+        """The SHA-256 digest of secret `name` ('join', 'admin') and when it was set."""
+        row = self._conn.execute("SELECT sha256, created_at FROM secrets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (row["sha256"], row["created_at"])
+
+    def set_secret(self, name: str, sha256: str, now: float) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO secrets (name, sha256, created_at) VALUES (?, ?, ?) ON CONFLICT (name) "
+                       "DO UPDATE SET sha256 = excluded.sha256, created_at = excluded.created_at",
+                       (name, sha256, now))
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def add_event(self, severity: str, reason: str, object_kind: str, object_name: str, message: str,
+                  now: float, node_name: str = "") -> None:
+        with self._write():
+            self._event(severity, reason, object_kind, object_name, message, now, node_name)
+
+    def _event(self, severity: str, reason: str, object_kind: str, object_name: str, message: str,
+               now: float, node_name: str = "") -> None:
+        cur = self._conn.execute(
+            "INSERT INTO events (time, severity, reason, object_kind, object_name, node_name, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (now, severity, reason, object_kind, object_name, node_name, message))
+        self._pending_revision = cur.lastrowid
+        self._conn.execute("DELETE FROM events WHERE revision <= ?", (cur.lastrowid - EVENTS_KEPT,))
+
+    def events(self, after_revision: int = 0, *, object_kind: str = "", object_name: str = "",
+               since: float = 0.0, limit: int = 1000) -> list[EventRecord]:
+        """Events after a revision, oldest first, only those about the object when one is named."""
+        sql = "SELECT * FROM events WHERE revision > ? AND time >= ?"
+        args: list[Any] = [after_revision, since]
+        if object_kind:
+            sql += " AND object_kind = ?"
+            args.append(object_kind)
+        if object_name:
+            sql += " AND object_name = ?"
+            args.append(object_name)
+        rows = self._conn.execute(sql + " ORDER BY revision LIMIT ?", (*args, limit)).fetchall()
+        return [EventRecord(**dict(row)) for row in rows]
+
+    # -- nodes: membership ------------------------------------------------------------------------
+
+    def node_credential(self, node_id: str) -> str | None:
+        """The digest of the node's credential; None for an unknown node."""
+        row = self._conn.execute("SELECT credential_sha256 FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def register_node(self, info: common_pb2.NodeInfo, worker_address: str, credential_sha256: str,
+                      now: float) -> NodeRecord:
+        """A node that joined with the join token. A new node, unless an unreachable node has its name:
+        then that node, with the new credential (a reinstalled machine keeps its id, labels and
+        cordon). AlreadyExists when a ready node has the name."""
+        with self._write() as db:
+            row = db.execute("SELECT id, state FROM nodes WHERE name = ?", (info.name,)).fetchone()
+            if row is not None and row["state"] == READY:
+                raise AlreadyExists(f"node name {info.name!r} is taken by node {row['id']}, which is heartbeating; "
+                                    "give this node another name (node_name in its clowderd.toml)")
+            columns = self._reported_columns(info, worker_address)
+            if row is None:
+                node_id = f"node-{secrets.token_hex(6)}"
+                db.execute(
+                    "INSERT INTO nodes (id, name, credential_sha256, roles, worker_address, info, inventory, "
+                    "reported_replicas, labels, state, state_since, joined_at, last_heartbeat) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
+                    (node_id, info.name, credential_sha256, *columns, READY, now, now, now))
+                message = f"node {info.name} joined as {node_id}"
+            else:
+                node_id = row["id"]
+                db.execute("UPDATE nodes SET credential_sha256 = ?, roles = ?, worker_address = ?, info = ?, "
+                           "inventory = ?, reported_replicas = '[]', state = ?, state_since = ?, joined_at = ?, "
+                           "last_heartbeat = ? WHERE id = ?",
+                           (credential_sha256, *columns, READY, now, now, now, node_id))
+                message = (f"node {info.name} joined with the join token and took over node {node_id}, which was "
+                           "unreachable")
+            self._event(NORMAL, "NodeJoined", "Node", info.name, message, now, info.name)
+        return self.node(node_id)
+
+    def rejoin_node(self, node_id: str, info: common_pb2.NodeInfo, worker_address: str, now: float) -> NodeRecord:
+        """A node joined again with its credential: its description is updated and it is ready."""
+        with self._write() as db:
+            row = db.execute("SELECT name, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"node {node_id} is not a member of this cluster")
+            other = db.execute("SELECT id FROM nodes WHERE name = ? AND id != ?", (info.name, node_id)).fetchone()
+            if other is not None:
+                raise AlreadyExists(f"node {node_id} cannot take the name {info.name!r}: node {other['id']} has it")
+            db.execute("UPDATE nodes SET name = ?, roles = ?, worker_address = ?, info = ?, inventory = ?, "
+                       "last_heartbeat = ? WHERE id = ?",
+                       (info.name, *self._reported_columns(info, worker_address), now, node_id))
+            if row["state"] != READY:
+                self._set_ready(node_id, info.name, now)
+        return self.node(node_id)
+
+    @staticmethod
+    def _reported_columns(info: common_pb2.NodeInfo, worker_address: str) -> tuple[str, str, str, str]:
+        described = common_pb2.NodeInfo()
+        described.CopyFrom(info)
+        described.ClearField("inventory")
+        roles = ",".join(common_pb2.Role.Name(r).removeprefix("ROLE_").lower() for r in info.roles)
+        return roles, worker_address, _to_json(described), _to_json(info.inventory)
+
+    def _set_ready(self, node_id: str, name: str, now: float) -> None:
+        self._conn.execute("UPDATE nodes SET state = ?, state_since = ? WHERE id = ?", (READY, now, node_id))
+        self._event(NORMAL, "NodeReady", "Node", name, f"node {name} is heartbeating again", now, name)
+
+    def record_heartbeat(self, node_id: str, inventory: common_pb2.ResourceInventory,
+                         replicas: Sequence[common_pb2.ReplicaStatus], now: float) -> bool:
+        """Store what the node reported; an unreachable node is ready again. False for an unknown node."""
+        with self._write() as db:
+            row = db.execute("SELECT name, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            if row is None:
+                return False
+            reported = json.dumps([json_format.MessageToDict(r) for r in replicas], separators=(",", ":"))
+            db.execute("UPDATE nodes SET inventory = ?, reported_replicas = ?, last_heartbeat = ? WHERE id = ?",
+                       (_to_json(inventory), reported, now, node_id))
+            db.executemany(
+                "UPDATE replicas SET observed_state = ?, observed_message = ?, observed_generation = ?, "
+                "observed_at = ? WHERE id = ? AND node_id = ?",
+                [(common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"), r.message,
+                  r.observed_generation, now, r.replica_id, node_id) for r in replicas])
+            if row["state"] != READY:
+                self._set_ready(node_id, row["name"], now)
+        return True
+
+    def mark_unreachable(self, silent_since: float, now: float, grace: float) -> list[str]:
+        """Mark unreachable every ready node with no heartbeat since `silent_since`; their names."""
+        with self._write() as db:
+            rows = db.execute("SELECT id, name, last_heartbeat FROM nodes WHERE state = ? AND last_heartbeat < ?",
+                              (READY, silent_since)).fetchall()
+            for row in rows:
+                db.execute("UPDATE nodes SET state = ?, state_since = ? WHERE id = ?", (UNREACHABLE, now, row["id"]))
+                self._event(WARNING, "NodeUnreachable", "Node", row["name"],
+                            f"node {row['name']} sent no heartbeat for {now - row['last_heartbeat']:.1f}s "
+                            f"(grace {grace:g}s)", now, row["name"])
+        return [row["name"] for row in rows]
+
+    # -- nodes: queries and admin -----------------------------------------------------------------
+
+    def node(self, node_id: str) -> NodeRecord:
+        row = self._conn.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"node {node_id} is not a member of this cluster")
+        return self._node(row)
+
+    def node_by_name(self, name: str) -> NodeRecord:
+        row = self._conn.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no node named {name!r}")
+        return self._node(row)
+
+    def nodes(self) -> list[NodeRecord]:
+        return [self._node(row) for row in self._conn.execute("SELECT * FROM nodes ORDER BY name")]
+
+    @staticmethod
+    def _node(row: sqlite3.Row) -> NodeRecord:
+        info = _from_json(row["info"], common_pb2.NodeInfo)
+        info.node_id = row["id"]
+        info.inventory.CopyFrom(_from_json(row["inventory"], common_pb2.ResourceInventory))
+        replicas = [json_format.ParseDict(r, common_pb2.ReplicaStatus(), ignore_unknown_fields=True)
+                    for r in json.loads(row["reported_replicas"])]
+        return NodeRecord(
+            id=row["id"], name=row["name"], roles=[r for r in row["roles"].split(",") if r],
+            worker_address=row["worker_address"], info=info, replicas=replicas, labels=json.loads(row["labels"]),
+            cordoned=bool(row["cordoned"]), draining=bool(row["draining"]), state=row["state"],
+            state_since=row["state_since"], joined_at=row["joined_at"], last_heartbeat=row["last_heartbeat"])
+
+    def label_node(self, name: str, set_labels: Mapping[str, str], remove: Sequence[str], now: float) -> NodeRecord:
+        """Set and remove admin labels. Removing a key the node sets itself only ends an admin override of it;
+        with no override it is refused (the node's own config says it)."""
+        for key, value in set_labels.items():
+            if not LABEL_KEY_RE.match(key):
+                raise InvalidInput(f"set: {key!r} is not a label key (letters, digits, '.', '_', '/', '-'; starts "
+                                   "and ends with a letter or digit)")
+            if len(value) > LABEL_VALUE_MAX or not value.isprintable():
+                raise InvalidInput(f"set: the value of {key!r} must be printable and at most {LABEL_VALUE_MAX} "
+                                   "characters")
+        with self._write() as db:
+            node = self.node_by_name(name)
+            for key in remove:
+                if key in node.info.labels and key not in node.labels:
+                    raise InvalidInput(f"remove: label {key!r} is set by node {name} itself ([labels] in its "
+                                       "clowderd.toml); change it there")
+            labels = {k: v for k, v in node.labels.items() if k not in remove}
+            labels.update(set_labels)
+            if labels != node.labels:
+                db.execute("UPDATE nodes SET labels = ? WHERE id = ?", (json.dumps(labels, sort_keys=True), node.id))
+                change = [f"{k}={v}" for k, v in sorted(labels.items()) if node.labels.get(k) != v]
+                change += [f"{k}-" for k in sorted(node.labels.keys() - labels.keys())]
+                self._event(NORMAL, "NodeLabeled", "Node", name, f"labels of node {name}: {' '.join(change)}",
+                            now, name)
+        return self.node(node.id)
+
+    def set_schedulable(self, name: str, *, cordoned: bool, draining: bool, now: float) -> NodeRecord:
+        """Cordon (cordoned), drain (cordoned and draining) or uncordon (neither) a node."""
+        reason = "NodeDraining" if draining else "NodeCordoned" if cordoned else "NodeUncordoned"
+        message = {"NodeDraining": "is cordoned and draining", "NodeCordoned": "is cordoned",
+                   "NodeUncordoned": "is schedulable"}[reason]
+        with self._write() as db:
+            node = self.node_by_name(name)
+            if (node.cordoned, node.draining) != (cordoned, draining):
+                db.execute("UPDATE nodes SET cordoned = ?, draining = ? WHERE id = ?",
+                           (int(cordoned), int(draining), node.id))
+                self._event(NORMAL, reason, "Node", name, f"node {name} {message}", now, name)
+        return self.node(node.id)
+
+    # -- replicas ---------------------------------------------------------------------------------
+
+    def assign(self, spec: common_pb2.ReplicaSpec, node_id: str, now: float) -> str | None:
+        """Place a replica on a node (a new one, or one moved or changed): the node is told to run spec.
+        Returns the node the replica was on before, if any."""
+        if not spec.replica_id or not spec.deployment:
+            raise InvalidInput("replica spec: replica_id and deployment are required")
+        with self._write() as db:
+            self.node(node_id)
+            row = db.execute("SELECT node_id FROM replicas WHERE id = ?", (spec.replica_id,)).fetchone()
+            db.execute("INSERT INTO replicas (id, deployment, node_id, spec, created_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET deployment = excluded.deployment, node_id = excluded.node_id, "
+                       "spec = excluded.spec",
+                       (spec.replica_id, spec.deployment, node_id, _to_json(spec), now))
+        return None if row is None else row[0]
+
+    def unassign(self, replica_id: str) -> str | None:
+        """Remove a replica; the node it was on (None when it was on none) stops it."""
+        with self._write() as db:
+            row = db.execute("SELECT node_id FROM replicas WHERE id = ?", (replica_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no replica {replica_id!r}")
+            db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+        return row[0]
+
+    def assignments(self, node_id: str) -> list[common_pb2.ReplicaSpec]:
+        """What the node must run."""
+        rows = self._conn.execute("SELECT spec FROM replicas WHERE node_id = ? ORDER BY id", (node_id,))
+        return [_from_json(row[0], common_pb2.ReplicaSpec) for row in rows]
+
+    def replica(self, replica_id: str) -> ReplicaRecord:
+        row = self._conn.execute("SELECT * FROM replicas WHERE id = ?", (replica_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no replica {replica_id!r}")
+        return ReplicaRecord(
+            id=row["id"], deployment=row["deployment"], node_id=row["node_id"],
+            spec=_from_json(row["spec"], common_pb2.ReplicaSpec), observed_state=row["observed_state"],
+            observed_message=row["observed_message"], observed_generation=row["observed_generation"],
+            observed_at=row["observed_at"])
