@@ -24,7 +24,8 @@ def test_completion_streams_deltas_and_counts_usage(tiny_host, tiny_chat_llama):
     assert answer.finish_reason == "length"
     assert answer.usage.prompt_tokens == prompt_tokens
     assert answer.usage.completion_tokens == 7
-    assert len(answer.deltas) >= 2 and all(answer.deltas)
+    # Text that arrives while the reader is busy comes joined, so a busy machine may see a single delta.
+    assert answer.deltas and all(answer.deltas) and "".join(answer.deltas) == answer.text
 
 
 def test_chat_applies_the_chat_template(tiny_host, tiny_chat_llama):

@@ -34,7 +34,7 @@ import zmq.asyncio
 
 import clowderd
 from clowderd.engines import protocol
-from clowderd.engines.base import Event, Finished, GenerateRequest
+from clowderd.engines.base import Event, Finished, GenerateRequest, TextDelta
 from clowderd.engines.errors import EngineCrashed, EngineError
 from clowderd.engines.registry import check_engine
 
@@ -161,14 +161,26 @@ class EngineClient:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         """Stream a generation. Raises InvalidRequest (and the other EngineErrors) as the host reports them,
-        EngineCrashed when the host dies mid-stream."""
+        EngineCrashed when the host dies mid-stream. Text that arrived while the caller was busy comes as
+        one delta: a slow reader gets fewer, longer pieces rather than falling behind."""
         queue = self._open(request.request_id)
         finished = False
         try:
             await self._send({"type": "generate", "id": request.request_id, "request": request.to_dict()})
+            held = None  # a message taken off the queue while joining text, not yet given out
             while True:
-                msg = await self._next(queue)
+                msg, held = (held, None) if held is not None else (await self._next(queue), None)
                 event = protocol.message_event(msg)
+                if isinstance(event, TextDelta) and not queue.empty():
+                    texts = [event.text]
+                    while not queue.empty():
+                        msg = self._check(queue.get_nowait())
+                        more = protocol.message_event(msg)
+                        if not isinstance(more, TextDelta):
+                            held = msg
+                            break
+                        texts.append(more.text)
+                    event = TextDelta("".join(texts))
                 finished = isinstance(event, Finished)
                 yield event
                 if finished:
@@ -226,9 +238,13 @@ class EngineClient:
     async def _send(self, msg: dict) -> None:
         await self._sock.send(protocol.encode(msg))
 
+    @classmethod
+    async def _next(cls, queue: asyncio.Queue) -> dict:
+        return cls._check(await queue.get())
+
     @staticmethod
-    async def _next(queue: asyncio.Queue) -> dict:
-        item = await queue.get()
+    def _check(item) -> dict:
+        """A message from the host, or raise the error it is or carries."""
         if isinstance(item, BaseException):
             raise item
         if item["type"] == "error":

@@ -1,0 +1,271 @@
+"""The lb: its added latency, its requests per second against LiteLLM's proxy, streamed tokens per second,
+and 1,000 concurrent streams, behind an echo engine that answers at once (bench/echo_engine.py, a
+benchmark fixture, not a model).
+
+    python bench/lb.py [--seconds 10] [--workdir DIR]
+
+Clowder: one clowderd with all four roles, the echo engine installed as a plugin, and a deployment
+`echo` of an aimage whose configuration switches on a realistic middleware chain (API keys, a rate limit
+that is never reached, security checks, input and output word filters, a system prompt, call log, audit
+log, query storage). LiteLLM: its proxy (installed in a virtual environment of the benchmark's own,
+offline as ../shared/notes/anchors.md says) in front of bench/echo_openai.py, the same echo as an
+OpenAI-compatible HTTP server. Load comes from Debian's `wrk`.
+
+(a) one client: p50/p99 of a chat call through the lb (wrk, one connection) against the same call on
+    the engine host directly (EngineClient over its local socket): the lb's added latency.
+(b) 64 connections: requests/s through the lb against through LiteLLM.
+(c) one streamed call of 2,000 words: tokens/s through the lb against the engine host directly.
+(d) 1,000 concurrent streams through the lb: all answered, no generation left running on the engine,
+    and the lb process's memory before, at the peak and after.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.echo_engine import install_as_plugin  # noqa: E402
+from bench.ingest import figure  # noqa: E402
+from clowderd.aimage.build import build  # noqa: E402
+from clowderd.aimage.clowderfile import load_clowderfile  # noqa: E402
+from clowderd.engines.base import Finished, GenerateRequest, TextDelta  # noqa: E402
+from clowderd.engines.client import EngineClient  # noqa: E402
+from clowderd.middleware.auth import key_digest  # noqa: E402
+from clowderd.store.content import ContentStore  # noqa: E402
+from tests import modelgen  # noqa: E402
+from tests.clowderd_proc import ClowderdProcess, _default_config, free_port  # noqa: E402
+
+KEY = "ck-bench"
+QUESTION = "hello there, how are you today"
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16}
+LITELLM_VENV = Path.home() / ".cache" / "clowder-bench" / "litellm-venv"
+MIDDLEWARE_CONFIG = {
+    "security": {"max_input_bytes": 65536, "prompt_injection": {"enabled": True}},
+    "filters": {"input": {"block": ["forbidden"], "redact": ["secret"]},
+                "output": {"block": ["classified"], "redact": ["password"]}},
+    "prompts": {"system": "You are a helpful assistant."},
+    "query_storage": {"enabled": True, "store": ["query", "response", "metadata"], "retention_days": 1},
+    "engine": {"name": "echo"},
+}
+
+
+def wrk(url: str, body: dict, connections: int, seconds: int, headers: dict) -> dict:
+    """Requests/s and latency percentiles from Debian's wrk, POSTing `body`."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}",
+             'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s",
+                          "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw errors from {url}:\n{out}")
+
+    def millis(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return {"rps": rps, "p50_ms": millis("50%"), "p99_ms": millis("99%")}
+
+
+def litellm_executable() -> Path:
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if not exe.exists():
+        print("installing LiteLLM's proxy into", LITELLM_VENV, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return exe
+
+
+def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2, headers=headers).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def start_litellm(workdir: Path) -> tuple[list[subprocess.Popen], str]:
+    echo_port, proxy_port = free_port(), free_port()
+    echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_openai.py"), str(echo_port)])
+    config = workdir / "litellm.yaml"
+    config.write_text(json.dumps({"model_list": [{"model_name": "echo", "litellm_params": {
+        "model": "openai/echo", "api_base": f"http://127.0.0.1:{echo_port}/v1", "api_key": "dummy"}}]}))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY_DISABLED": "True",
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+    proxy = subprocess.Popen([str(litellm_executable()), "--config", str(config), "--host", "127.0.0.1",
+                              "--port", str(proxy_port)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{echo_port}/v1/models")
+    wait_http(f"http://127.0.0.1:{proxy_port}/health/liveliness", timeout=120)
+    return [proxy, echo], f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+
+
+def build_echo_image(store_dir: Path, workdir: Path) -> None:
+    model = modelgen.write_llama(workdir / "echo-model", **modelgen.TINY)
+    clowderfile = workdir / "Clowderfile"
+    clowderfile.write_text(json.dumps({"base": str(model), "config": MIDDLEWARE_CONFIG}))
+    store = ContentStore(store_dir)
+    try:
+        build(store, load_clowderfile(clowderfile), "echo-model:v1")
+    finally:
+        store.close()
+
+
+def start_clowder(workdir: Path, site: Path) -> ClowderdProcess:
+    config = _default_config(workdir, ("controller", "storage", "worker", "lb"))
+    keys = workdir / "keys.toml"
+    keys.write_text(f'[users.bench]\nkeys = ["{key_digest(KEY)}"]\n')
+    os.chmod(keys, 0o600)
+    config["lb"].update(keys_file=str(keys), requests_per_minute=10_000_000)
+    config["log"]["level"] = "warning"
+    build_echo_image(Path(config["data_dir"]) / "store", workdir)
+    proc = ClowderdProcess(workdir, config, ("controller", "storage", "worker", "lb"),
+                           args=["--deploy", "echo=echo-model:v1"], env={"PYTHONPATH": str(site)})
+    proc.wait_ready()
+    url = f"http://{config['lb']['http_listen']}/v1/chat/completions"
+    deadline = time.monotonic() + 120
+    while httpx.post(url, json=CHAT, headers={"authorization": f"Bearer {KEY}"}, timeout=10).status_code != 200:
+        if time.monotonic() > deadline or proc.returncode is not None:
+            raise SystemExit(f"the echo deployment did not answer:\n{proc.stderr_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+async def direct_latency(site: Path, workdir: Path, seconds: float) -> list[float]:
+    """Round trips of one chat request on an echo engine host, called directly."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    async with EngineClient("echo", workdir, env=env) as client:
+        samples, deadline = [], time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            async for event in client.generate(GenerateRequest(messages=CHAT["messages"], max_tokens=16)):
+                if isinstance(event, Finished):
+                    break
+            samples.append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
+async def direct_stream_tokens_per_s(site: Path, workdir: Path, words: int) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    text = " ".join(["word"] * words)
+    async with EngineClient("echo", workdir, env=env) as client:
+        t0 = time.perf_counter()
+        async for event in client.generate(GenerateRequest(prompt=text, max_tokens=words)):
+            if isinstance(event, Finished):
+                return event.usage.completion_tokens / (time.perf_counter() - t0)
+    raise RuntimeError("no Finished event")
+
+
+def lb_stream_tokens_per_s(base: str, words: int) -> float:
+    body = {"model": "echo", "messages": [{"role": "user", "content": " ".join(["word"] * words)}],
+            "max_tokens": words, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    tokens = 0
+    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {KEY}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - t0)
+
+
+async def many_streams(base: str, n: int) -> int:
+    """n streamed calls at once; returns how many ended with [DONE]."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        async def one(i: int) -> bool:
+            body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": f"stream {i} " * 50}],
+                    "max_tokens": 100}
+            async with client.stream("POST", f"{base}/chat/completions", json=body,
+                                     headers={"authorization": f"Bearer {KEY}"}) as r:
+                lines = [line async for line in r.aiter_lines() if line]
+            return r.status_code == 200 and lines[-1] == "data: [DONE]"
+        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def percentile(samples: list[float], q: float) -> float:
+    return statistics.quantiles(samples, n=100)[q - 1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
+    p.add_argument("--workdir", type=Path, help="keep files here (default: a temporary directory)")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clowder-bench-lb-"))
+    site = install_as_plugin(workdir / "site")
+    sys.path.insert(0, str(site))  # the aimage names the echo engine: building it checks that it is installed
+    (workdir / "model").mkdir(exist_ok=True)
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    direct = asyncio.run(direct_latency(site, workdir / "model", 5.0))
+    direct_tps = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", 2000))
+    proc = start_clowder(workdir / "clowder", site)
+    try:
+        base = f"http://{proc.config['lb']['http_listen']}/v1"
+        lb_pid = proc.pid
+        one = wrk(f"{base}/chat/completions", CHAT, 1, args.seconds, auth)
+        many = wrk(f"{base}/chat/completions", CHAT, 64, args.seconds, auth)
+        lb_tps = max(lb_stream_tokens_per_s(base, 2000) for _ in range(3))
+        rss_before = psutil.Process(lb_pid).memory_info().rss
+        t0 = time.perf_counter()
+        done = asyncio.run(many_streams(base, 1000))
+        streams_s = time.perf_counter() - t0
+        rss_peak = psutil.Process(lb_pid).memory_info().rss
+        time.sleep(2)
+        rss_after = psutil.Process(lb_pid).memory_info().rss
+    finally:
+        proc.stop()
+    procs, litellm_url = start_litellm(workdir)
+    try:
+        litellm_one = wrk(litellm_url, CHAT, 1, args.seconds, {})
+        litellm_many = wrk(litellm_url, CHAT, 64, args.seconds, {})
+    finally:
+        for proc_ in procs:
+            proc_.terminate()
+            proc_.wait(10)
+
+    direct_p50, direct_p99 = percentile(direct, 50), percentile(direct, 99)
+    mib = 1 << 20
+    print(f"(a) one client: lb p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms; engine host directly p50 "
+          f"{direct_p50:.2f} ms, p99 {direct_p99:.2f} ms; LiteLLM p50 {litellm_one['p50_ms']:.2f} ms, "
+          f"p99 {litellm_one['p99_ms']:.2f} ms")
+    print(f"(b) 64 connections: lb {many['rps']:.0f} requests/s (p50 {many['p50_ms']:.1f} ms), LiteLLM "
+          f"{litellm_many['rps']:.0f} requests/s (p50 {litellm_many['p50_ms']:.1f} ms)")
+    print(f"(c) one stream of 2,000 words: lb {lb_tps:.0f} tokens/s, engine host directly {direct_tps:.0f} tokens/s")
+    print(f"(d) 1,000 concurrent streams: {done} ended with [DONE] in {streams_s:.1f} s; clowderd RSS "
+          f"{rss_before / mib:.0f} MiB before, {rss_peak / mib:.0f} MiB at the end, {rss_after / mib:.0f} MiB 2 s later")
+    print(figure("lb_added_p50", one["p50_ms"] - direct_p50, "ms", "<=", 1.0))
+    print(figure("lb_added_p99", one["p99_ms"] - direct_p99, "ms", "<=", 3.0))
+    print(figure("lb_vs_litellm_rps_64", many["rps"] / litellm_many["rps"], "x", ">=", 10.0))
+    print(figure("lb_stream_tokens_per_s_vs_direct", lb_tps / direct_tps, "x", ">=", 0.95))
+    print(figure("lb_1000_streams_completed", done / 1000, "x", ">=", 1.0))
+
+
+if __name__ == "__main__":
+    main()
