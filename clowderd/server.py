@@ -251,6 +251,7 @@ class Process:
         self.started_at_ns = time.time_ns()
         self.started_monotonic_ns = time.monotonic_ns()
         self.node_id = ""  # set when the node joins a controller
+        self.local_replicas = None  # the worker role's ReplicaManager, when it runs in this process
         self.listeners: dict[str, str] = {}  # role -> "host:port" as bound
         self.servers: dict[str, grpc.aio.Server] = {}
         self.state = node_pb2.SERVING_STATE_STARTING

@@ -20,7 +20,7 @@ import grpc
 
 from clowderd.lb.errors import ApiError
 from clowderd.lb.routes import NoReplica, Route, RouteTable
-from clowderd.lb.upstream import Workers, generate_request
+from clowderd.lb.upstream import UpstreamError, Workers, generate_request
 from clowderd.middleware import conversation
 from clowderd.middleware.base import Call, Chain, Outcome, Refused, StopChoice
 
@@ -202,12 +202,12 @@ class Dispatcher:
                             usage.prompt_tokens += response.usage.prompt_tokens
                             usage.completion_tokens += response.usage.completion_tokens
                 return
-            except grpc.aio.AioRpcError as e:
-                error = ApiError.from_worker(e, endpoint.replica_id)
-                if sent or e.code() not in RETRYABLE:
+            except UpstreamError as e:
+                error = ApiError.from_worker(e.code, e.details, endpoint.replica_id)
+                if sent or e.code not in RETRYABLE:
                     raise error from None
                 log.info("retrying on another replica", extra={"call": call.id, "replica": endpoint.replica_id,
-                                                               "reason": e.details()})
+                                                               "reason": e.details})
                 last_error = error
             finally:
                 endpoint.outstanding -= 1

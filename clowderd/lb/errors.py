@@ -46,9 +46,7 @@ class ApiError(Exception):
         return cls(refusal.status, f"{refusal.middleware}: {refusal.message}", code=refusal.code)
 
     @classmethod
-    def from_worker(cls, error: grpc.aio.AioRpcError, replica: str) -> "ApiError":
-        status = FROM_WORKER.get(error.code(), 502)
-        message = error.details() or error.code().name
-        if status >= 500:
-            message = f"replica {replica}: {message}"
-        return cls(status, message, code=error.code().name.lower())
+    def from_worker(cls, code: grpc.StatusCode, details: str, replica: str) -> "ApiError":
+        status = FROM_WORKER.get(code, 502)
+        message = f"replica {replica}: {details}" if status >= 500 else details
+        return cls(status, message, code=code.name.lower())

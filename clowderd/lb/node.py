@@ -35,7 +35,8 @@ class LbNode:
                                secrets_file=Path(http.secrets_file) if http.secrets_file else None)
         self.shared = Shared.open(self.policy, lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
-        self.workers = Workers()
+        local = process.local_replicas
+        self.workers = Workers(local=(cfg.node_name, local) if local is not None else None)
         self.chains = ChainBuilder(self.policy, self.shared)
         self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
 

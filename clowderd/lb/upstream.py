@@ -33,8 +33,21 @@ def generate_request(call: Call, replica_id: str, seed_offset: int = 0) -> worke
     return request
 
 
+class UpstreamError(Exception):
+    """A worker refused or failed a call: its gRPC status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class Workers:
-    def __init__(self):
+    """Worker.Generate on any worker: over gRPC, or, for the worker role of this same process (`local`:
+    its node name and replica manager), by calling it directly."""
+
+    def __init__(self, local: tuple[str, object] | None = None):
+        self.local = local
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -45,10 +58,21 @@ class Workers:
 
     async def generate(self, endpoint: Endpoint,
                        request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """The worker's responses; raises UpstreamError. Closing the iterator early cancels the call."""
+        if self.local is not None and endpoint.node_name == self.local[0]:
+            from clowderd.worker.service import HANDLED, generate_responses, status_code
+            try:
+                async for response in generate_responses(self.local[1], request):
+                    yield response
+            except HANDLED as e:
+                raise UpstreamError(status_code(e), str(e)) from None
+            return
         call = self._stub(endpoint.worker_address).Generate(request)
         try:
             async for response in call:
                 yield response
+        except grpc.aio.AioRpcError as e:
+            raise UpstreamError(e.code(), e.details() or e.code().name) from None
         finally:
             call.cancel()  # a no-op once the call has ended
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -81,27 +81,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             replicas=[self.status(r) for r in self.replicas.list(request.deployment)])
 
     async def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        t0 = time.monotonic_ns()
-        first = True
         try:
-            prepared, echo = engine_request(request)
-            async for event in self.replicas.generate(request.replica_id, prepared,
-                                                      request.adapter_digest):
-                out = worker_pb2.GenerateResponse(index=0)
-                if first:
-                    out.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
-                    out.text, first = echo, False
-                if isinstance(event, Finished):
-                    out.finish_reason = event.finish_reason
-                    u = event.usage
-                    out.usage.CopyFrom(inference_pb2.Usage(
-                        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                        total_tokens=u.prompt_tokens + u.completion_tokens))
-                else:
-                    out.text += event.text
+            async for out in generate_responses(self.replicas, request):
                 yield out
         except HANDLED as e:
             await context.abort(status_code(e), str(e))
+
+
+async def generate_responses(replicas: ReplicaManager,
+                             request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    """Worker.Generate's answer, for the gRPC service and for an lb in this process alike. Raises the
+    errors of STATUS_CODES."""
+    t0 = time.monotonic_ns()
+    first = True
+    prepared, echo = engine_request(request)
+    async for event in replicas.generate(request.replica_id, prepared, request.adapter_digest):
+        out = worker_pb2.GenerateResponse(index=0)
+        if first:
+            out.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
+            out.text, first = echo, False
+        if isinstance(event, Finished):
+            out.finish_reason = event.finish_reason
+            u = event.usage
+            out.usage.CopyFrom(inference_pb2.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                total_tokens=u.prompt_tokens + u.completion_tokens))
+        else:
+            out.text += event.text
+        yield out
 
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
@@ -111,6 +118,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     replicas = ReplicaManager(store, config.worker_pull_from)
     servicer = WorkerServicer(replicas, config.node_name)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    process.local_replicas = replicas  # an lb in this process calls them without a network hop
     join_token = join_token_reader(config.worker_join_token, config.worker_join_token_file)
     try:
         join_token()
