@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.ingest import figure  # noqa: E402
 from clowderd.engines.base import Finished, GenerateRequest  # noqa: E402
 from clowderd.engines.client import EngineClient  # noqa: E402
 
@@ -91,10 +92,6 @@ def bare_generate(model, tokenizer, max_tokens: int) -> int:
     return out.shape[1] - ids.shape[1]
 
 
-def figure(name: str, value: float, unit: str, target: str, ok: bool) -> None:
-    print(f"figure: {name} = {value:.2f} {unit} (target {target}) {'ok' if ok else 'short'}", flush=True)
-
-
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128, help="tokens per request for (b)")
@@ -146,9 +143,9 @@ async def main() -> None:
         print(f"(c) 8 requests of {args.concurrent_tokens} tokens: engine host concurrently {engine_8:.2f} s, "
               f"bare generate sequentially {bare_8:.2f} s")
 
-    figure("engine_load_vs_bare", engine_load / bare_load, "x", "<= 1.2", engine_load / bare_load <= 1.2)
-    figure("engine_tokens_per_s_vs_bare", engine_tps / bare_tps, "x", ">= 0.9", engine_tps / bare_tps >= 0.9)
-    figure("engine_8_concurrent_vs_8_sequential", bare_8 / engine_8, "x faster", ">= 1.0", bare_8 / engine_8 >= 1.0)
+    print(figure("engine_load_vs_bare", engine_load / bare_load, "x", "<=", 1.2))
+    print(figure("engine_tokens_per_s_vs_bare", engine_tps / bare_tps, "x", ">=", 0.9))
+    print(figure("engine_8_concurrent_vs_8_sequential", bare_8 / engine_8, "x faster", ">=", 1.0))
 
 
 if __name__ == "__main__":

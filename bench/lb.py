@@ -43,7 +43,7 @@ from bench.echo_engine import install_as_plugin  # noqa: E402
 from bench.ingest import figure  # noqa: E402
 from clowderd.aimage.build import build  # noqa: E402
 from clowderd.aimage.clowderfile import load_clowderfile  # noqa: E402
-from clowderd.engines.base import Finished, GenerateRequest, TextDelta  # noqa: E402
+from clowderd.engines.base import Finished, GenerateRequest  # noqa: E402
 from clowderd.engines.client import EngineClient  # noqa: E402
 from clowderd.middleware.auth import key_digest  # noqa: E402
 from clowderd.store.content import ContentStore  # noqa: E402
