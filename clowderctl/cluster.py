@@ -17,7 +17,7 @@ from clowderctl.output import column, emit, human_bytes, output_option
 from clowderd.errors import InvalidInput
 
 
-def _iso(ts: timestamp_pb2.Timestamp) -> str:
+def iso_time(ts: timestamp_pb2.Timestamp) -> str:
     return ts.ToDatetime(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -35,7 +35,7 @@ def node_row(node: controller_pb2.ClusterNode) -> dict[str, Any]:
     return {
         "name": info.name, "id": info.node_id,
         "state": controller_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
-        "state_since": _iso(node.state_since), "cordoned": node.cordoned, "draining": node.draining,
+        "state_since": iso_time(node.state_since), "cordoned": node.cordoned, "draining": node.draining,
         "roles": [common_pb2.Role.Name(r).removeprefix("ROLE_").lower() for r in info.roles],
         "worker_address": node.worker_address, "version": info.version,
         "labels": {**info.labels, **node.labels}, "own_labels": dict(info.labels), "admin_labels": dict(node.labels),
@@ -48,7 +48,7 @@ def node_row(node: controller_pb2.ClusterNode) -> dict[str, Any]:
         "replicas": [{"id": r.replica_id, "deployment": r.deployment,
                       "state": common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower(),
                       "message": r.message} for r in node.replicas],
-        "joined_at": _iso(node.joined_at), "last_heartbeat": _iso(node.last_heartbeat),
+        "joined_at": iso_time(node.joined_at), "last_heartbeat": iso_time(node.last_heartbeat),
         "last_heartbeat_ago": _ago(node.last_heartbeat),
     }
 
@@ -176,7 +176,7 @@ node.add_command(_schedulable_command("drain", "DrainNode", controller_pb2.Drain
 
 
 def event_row(event: controller_pb2.Event) -> dict[str, Any]:
-    return {"revision": event.revision, "time": _iso(event.time), "severity": event.severity,
+    return {"revision": event.revision, "time": iso_time(event.time), "severity": event.severity,
             "reason": event.reason, "object": f"{event.object_kind}/{event.object_name}",
             "node": event.node_name, "message": event.message}
 

@@ -2,8 +2,9 @@
 
 Image commands (build, images, inspect, tag, rmi, gc, fsck, df, demo) work on this node's content
 store in the data directory that clowderd uses, the way `git` works on a repository: no daemon
-needs to run, and both may run at once. Cluster commands (nodes, node, events, token) call the
-controller's admin API (--controller, --token).
+needs to run, and both may run at once. Cluster commands (nodes, node, events, token, deploy,
+deployments, deployment, scale, update, undeploy) call the controller's admin API (--controller,
+--token).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import click
 
-from clowderctl import apikeys, audit, cluster, distribution, images
+from clowderctl import apikeys, audit, cluster, deployments, distribution, images
 from clowderd.errors import ClowderError
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
@@ -47,6 +48,7 @@ images.register(cli)
 distribution.register(cli)
 apikeys.register(cli)
 cluster.register(cli)
+deployments.register(cli)
 audit.register(cli)
 
 

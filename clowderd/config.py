@@ -22,6 +22,10 @@ The file (TOML, read with tomllib)::
     listen = "127.0.0.1:7070"
     heartbeat_interval_seconds = 5   # how often workers heartbeat (told to them when they join)
     heartbeat_grace_seconds = 15     # a node silent for this long is marked unreachable
+    storage = "10.0.0.5:7071"        # storage node whose images are deployed (default: this process's)
+    strategy = "binpack"             # or "spread": how replicas are placed, unless a deployment says
+    [controller.deploy]              # deployments created at start when missing: name = "image"
+    chat = "smollm2:135m-instruct"
     [storage]
     listen = "127.0.0.1:7071"
     http_listen = "127.0.0.1:5000"   # OCI Distribution API; "" turns it off
@@ -37,6 +41,8 @@ The file (TOML, read with tomllib)::
     [lb]
     listen = "127.0.0.1:7073"
     controller = "127.0.0.1:7070"
+    join_token_file = "/etc/clowder/join-token"   # or join_token: sent to watch the routes (default
+                                                  # beside a controller: its file)
     http_listen = "127.0.0.1:7080"   # OpenAI-compatible HTTP API; "" turns it off
     tls_cert = "/etc/clowder/lb.crt"   # both or neither: HTTPS instead of HTTP
     tls_key = "/etc/clowder/lb.key"
@@ -89,6 +95,8 @@ ADMIN_TOKEN_FILE = "controller/admin-token"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 PULL_FROM = ("local-storage", "any")
+STRATEGIES = ("binpack", "spread")
+DEPLOYMENT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -168,6 +176,15 @@ class Config:
     # role in this process (then its JOIN_TOKEN_FILE).
     worker_join_token: str | None = None
     worker_join_token_file: str | None = None
+    # The same for the lb, which shows it to watch the routes; neither: no credential is sent.
+    lb_join_token: str | None = None
+    lb_join_token_file: str | None = None
+    # The storage node whose Registry service the controller resolves images at, and workers pull
+    # from; None: the storage role of this process.
+    controller_storage: Address | None = None
+    controller_strategy: str = "binpack"
+    # Deployment name -> image reference, created at the controller's start when missing.
+    controller_deploy: dict[str, str] = field(default_factory=dict)
     heartbeat_interval_seconds: float = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
     heartbeat_grace_seconds: float = DEFAULT_HEARTBEAT_GRACE_SECONDS
     registry_http: RegistryHTTPConfig = field(
@@ -239,12 +256,14 @@ _SCHEMA: dict[str, Any] = {
     "labels": "labels",
     "log": {"level": "level", "format": "format"},
     "controller": {"listen": "listen", "heartbeat_interval_seconds": "seconds",
-                   "heartbeat_grace_seconds": "seconds"},
+                   "heartbeat_grace_seconds": "seconds", "storage": "connect", "strategy": "strategy",
+                   "deploy": "deployments"},
     "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
                 "tokens_file": "path", "anonymous_read": "bool"},
     "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from", "join_token": "str",
                "join_token_file": "path"},
-    "lb": {"listen": "listen", "controller": "connect", "http_listen": "listen", "tls_cert": "path",
+    "lb": {"listen": "listen", "controller": "connect", "join_token": "str", "join_token_file": "path",
+           "http_listen": "listen", "tls_cert": "path",
            "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
            "middleware": "names", "audit_log": "path", "secrets_file": "path"},
 }
@@ -386,6 +405,7 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
             raise ConfigError(f"{w('worker.pull_from')}: {v!r} is not one of {', '.join(PULL_FROM)}")
         cfg.worker_pull_from = v
     _membership(cfg, raw, w, file_path)
+    _deployments(cfg, raw, w)
 
     seen: dict[Address, str] = {}
     listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]
@@ -409,7 +429,7 @@ def _seconds(raw: Mapping[str, Any], w: Any, key: str, default: float, low: floa
 
 
 def _membership(cfg: Config, raw: Mapping[str, Any], w: Any, file_path: str | None) -> None:
-    """The heartbeat timing of [controller] and the join token of [worker]."""
+    """The heartbeat timing of [controller] and the join tokens of [worker] and [lb]."""
     cfg.heartbeat_interval_seconds = _seconds(raw, w, "controller.heartbeat_interval_seconds",
                                               DEFAULT_HEARTBEAT_INTERVAL_SECONDS, 0.1, 300)
     cfg.heartbeat_grace_seconds = _seconds(raw, w, "controller.heartbeat_grace_seconds",
@@ -418,21 +438,51 @@ def _membership(cfg: Config, raw: Mapping[str, Any], w: Any, file_path: str | No
         raise ConfigError(f"{w('controller.heartbeat_grace_seconds')}: {cfg.heartbeat_grace_seconds:g} is less "
                           f"than twice controller.heartbeat_interval_seconds ({cfg.heartbeat_interval_seconds:g}); "
                           "one late heartbeat would mark a node unreachable")
-    token = raw.get("worker.join_token")
+    cfg.worker_join_token, cfg.worker_join_token_file = _join_token(cfg, raw, w, "worker")
+    if "worker" in cfg.roles and cfg.worker_join_token is None and cfg.worker_join_token_file is None:
+        where = f"{file_path}: worker" if file_path else "worker"
+        raise ConfigError(f"{where}: join_token or join_token_file is required when the worker role runs "
+                          "without the controller role in the same process (`clowderctl token` on the "
+                          f"controller prints it; it is also in the controller's DATA_DIR/{JOIN_TOKEN_FILE})")
+    cfg.lb_join_token, cfg.lb_join_token_file = _join_token(cfg, raw, w, "lb")
+
+
+def _join_token(cfg: Config, raw: Mapping[str, Any], w: Any, section: str) -> tuple[str | None, str | None]:
+    """[section] join_token or join_token_file; neither: the controller's file when it runs here."""
+    token = raw.get(f"{section}.join_token")
     if token is not None and (not isinstance(token, str) or not token.strip()):
-        raise ConfigError(f"{w('worker.join_token')}: expected the join token as a non-empty string")
-    token_file = _paths(raw, w, "worker", ("join_token_file",))["join_token_file"]
+        raise ConfigError(f"{w(f'{section}.join_token')}: expected the join token as a non-empty string")
+    token_file = _paths(raw, w, section, ("join_token_file",))["join_token_file"]
     if token is not None and token_file is not None:
-        raise ConfigError(f"{w('worker.join_token')}: set join_token or join_token_file, not both")
-    if token is None and token_file is None and "worker" in cfg.roles:
-        if "controller" in cfg.roles:
-            token_file = os.path.join(cfg.data_dir, JOIN_TOKEN_FILE)
-        else:
-            where = f"{file_path}: worker" if file_path else "worker"
-            raise ConfigError(f"{where}: join_token or join_token_file is required when the worker role runs "
-                              "without the controller role in the same process (`clowderctl token` on the "
-                              f"controller prints it; it is also in the controller's DATA_DIR/{JOIN_TOKEN_FILE})")
-    cfg.worker_join_token, cfg.worker_join_token_file = token, token_file
+        raise ConfigError(f"{w(f'{section}.join_token')}: set join_token or join_token_file, not both")
+    if token is None and token_file is None and "controller" in cfg.roles:
+        token_file = os.path.join(cfg.data_dir, JOIN_TOKEN_FILE)
+    return token, token_file
+
+
+def _deployments(cfg: Config, raw: Mapping[str, Any], w: Any) -> None:
+    """[controller] storage, strategy and deploy."""
+    if "controller.storage" in raw:
+        cfg.controller_storage = parse_address(raw["controller.storage"], w("controller.storage"),
+                                               allow_port_zero=False)
+    strategy = raw.get("controller.strategy", cfg.controller_strategy)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{w('controller.strategy')}: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    cfg.controller_strategy = strategy
+    cfg.controller_deploy = parse_deployments(raw.get("controller.deploy", {}), w("controller.deploy"))
+
+
+def parse_deployments(value: Any, where: str) -> dict[str, str]:
+    """A table of deployment name = "image reference"."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table of deployment name = \"image\", got {_tname(value)}")
+    for name, image in value.items():
+        if not DEPLOYMENT_NAME_RE.match(name):
+            raise ConfigError(f"{where}: {name!r} is not a deployment name (lowercase letters, digits and '-', at "
+                              "most 63, starting and ending with a letter or digit)")
+        if not isinstance(image, str) or not image.strip():
+            raise ConfigError(f"{where}: {name}: expected an image reference, got {image!r}")
+    return dict(value)
 
 
 def _http_listen(raw: Mapping[str, Any], w: Any, section: str, default_port: int) -> Address | None:
@@ -510,7 +560,9 @@ def as_dict(cfg: Config) -> dict[str, Any]:
             d[r]["controller"] = str(rc.controller)
     if "controller" in cfg.roles:
         d["controller"].update({"heartbeat_interval_seconds": cfg.heartbeat_interval_seconds,
-                                "heartbeat_grace_seconds": cfg.heartbeat_grace_seconds})
+                                "heartbeat_grace_seconds": cfg.heartbeat_grace_seconds,
+                                "storage": str(cfg.controller_storage or "this process"),
+                                "strategy": cfg.controller_strategy, "deploy": dict(cfg.controller_deploy)})
     if "worker" in cfg.roles:
         d["worker"]["join_token_file"] = cfg.worker_join_token_file  # the token itself stays out of logs
     if "lb" in cfg.roles:

@@ -23,3 +23,7 @@ class StoreError(ClowderError):
 
 class AlreadyExists(ClowderError):
     """A name is taken by something else (a node name, a deployment name)."""
+
+
+class Conflict(ClowderError):
+    """A change was asked for on a version of something that has changed since (a stale etag)."""

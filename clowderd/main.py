@@ -3,7 +3,7 @@
     clowderd [--config FILE] [--roles controller,storage,worker,lb] [--data-dir DIR]
              [--node-name NAME] [--controller-listen HOST:PORT] [--storage-listen HOST:PORT]
              [--worker-listen HOST:PORT] [--lb-listen HOST:PORT] [--controller HOST:PORT]
-             [--log-level LEVEL] [--log-format json|text]
+             [--deploy NAME=IMAGE ...] [--log-level LEVEL] [--log-format json|text]
 
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT); 2 when it cannot start (bad flag or
 config, data dir in use, address in use), with one line on stderr naming the file and key or
@@ -25,7 +25,7 @@ import sys  # noqa: E402
 import click  # noqa: E402
 
 from clowderd.config import (  # noqa: E402
-    LOG_FORMATS, LOG_LEVELS, ROLES, ConfigError, as_dict, build_config)
+    LOG_FORMATS, LOG_LEVELS, ROLES, ConfigError, as_dict, build_config, parse_deployments)
 from clowderd.errors import ClowderError  # noqa: E402
 from clowderd.logs import setup_logging  # noqa: E402
 from clowderd.version import __version__  # noqa: E402
@@ -69,14 +69,23 @@ async def _serve(cfg) -> None:
 @click.option("--controller", "controller_addr", metavar="HOST:PORT",
               help="Controller address for the worker and lb roles [default: the controller "
                    "role of this process].")
+@click.option("--deploy", "deploy", metavar="NAME=IMAGE", multiple=True,
+              help="Create deployment NAME of IMAGE (one replica) when the controller starts, unless it "
+                   "exists; repeatable. Adds to [controller.deploy].")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               help="[default: info]")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False),
               help="[default: json]")
 @click.version_option(__version__, "--version", prog_name="clowderd")
 def cli(config_path, roles, data_dir, node_name, controller_listen, storage_listen,
-        worker_listen, lb_listen, controller_addr, log_level, log_format) -> None:
+        worker_listen, lb_listen, controller_addr, deploy, log_level, log_format) -> None:
     """Run a Clowder node: controller, storage, worker and/or load balancer."""
+    deployments = {}
+    for item in deploy:
+        name, sep, image = item.partition("=")
+        if not sep or not name or not image:
+            raise _fail(f"--deploy {item!r}: expected NAME=IMAGE, e.g. chat=smollm2:135m-instruct")
+        deployments[name] = image
     flags = {
         "roles": roles, "data_dir": data_dir, "node_name": node_name,
         "controller.listen": controller_listen, "storage.listen": storage_listen,
@@ -87,6 +96,10 @@ def cli(config_path, roles, data_dir, node_name, controller_listen, storage_list
     try:
         cfg = build_config(config_path, flags, {"worker.controller": "--controller",
                                                 "lb.controller": "--controller"})
+    except ConfigError as e:
+        raise _fail(str(e))
+    try:
+        cfg.controller_deploy.update(parse_deployments(deployments, "--deploy"))
     except ConfigError as e:
         raise _fail(str(e))
 

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from clowder.v1 import node_pb2, node_pb2_grpc
 from tests.clowderd_proc import ClowderdProcess, deep_merge
+from tests.cluster_fixtures import clowderctl, clowderctl_env, start_worker, token_file, wait_for
 
 INTERVAL, GRACE = 0.5, 3.0
 
@@ -25,29 +25,6 @@ INTERVAL, GRACE = 0.5, 3.0
 def start_controller(clowderd, **extra: Any) -> ClowderdProcess:
     timing = {"heartbeat_interval_seconds": INTERVAL, "heartbeat_grace_seconds": GRACE}
     return clowderd(roles=("controller",), config_extra=deep_merge({"node_name": "ctl", "controller": timing}, extra))
-
-
-def token_file(controller: ClowderdProcess) -> Path:
-    return controller.data_dir / "controller" / "join-token"
-
-
-def start_worker(clowderd, controller: ClowderdProcess, name: str, **extra: Any) -> ClowderdProcess:
-    worker = {"controller": controller.addresses["controller"], "join_token_file": str(token_file(controller))}
-    return clowderd(roles=("worker",), config_extra=deep_merge({"node_name": name, "worker": worker}, extra))
-
-
-def clowderctl_env(controller: ClowderdProcess) -> dict[str, str]:
-    env = {**os.environ, "CLOWDER_CONTROLLER": controller.addresses["controller"],
-           "CLOWDER_DATA_DIR": str(controller.data_dir), "COLUMNS": "200"}  # tables as wide as they need
-    env.pop("CLOWDER_TOKEN", None)
-    return env
-
-
-def clowderctl(controller: ClowderdProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "clowderctl.main", *args], capture_output=True, text=True,
-                            timeout=60, env=clowderctl_env(controller))
-    assert not check or result.returncode == 0, result.stderr
-    return result
 
 
 def nodes(controller: ClowderdProcess) -> dict[str, dict[str, Any]]:
@@ -60,16 +37,6 @@ def events(controller: ClowderdProcess) -> list[dict[str, Any]]:
 
 def seconds(iso: str) -> float:
     return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.1)
 
 
 def ready(controller: ClowderdProcess, *names: str) -> dict[str, dict[str, Any]]:
@@ -110,7 +77,7 @@ def test_workers_join_and_report_their_inventory(clowderd):
     assert first.stop() == 0 and second.stop() == 0
 
 
-def test_labels_cordon_and_drain_are_reflected(clowderd):
+def test_labels_cordon_and_drain_are_reflected_and_a_node_without_replicas_drains_at_once(clowderd):
     controller = start_controller(clowderd)
     start_worker(clowderd, controller, "w1", labels={"zone": "rack-1"})
     start_worker(clowderd, controller, "w2")
@@ -126,14 +93,14 @@ def test_labels_cordon_and_drain_are_reflected(clowderd):
         "node w1: labels team=infer, zone=rack-9"
     clowderctl(controller, "node", "cordon", "w1")
     clowderctl(controller, "node", "drain", "w2")
-    found = nodes(controller)
+    found = wait_for("w2 to finish draining", lambda: (f := nodes(controller))["w2"]["draining"] is False and f)
     assert found["w1"]["labels"] == {"zone": "rack-9", "team": "infer"}
     assert (found["w1"]["cordoned"], found["w1"]["draining"]) == (True, False)
-    assert (found["w2"]["cordoned"], found["w2"]["draining"]) == (True, True)
+    assert found["w2"]["cordoned"]
     selected = json.loads(clowderctl(controller, "nodes", "-l", "team=infer", "-o", "json").stdout)
     assert [row["name"] for row in selected] == ["w1"]
     describe = clowderctl(controller, "node", "describe", "w2").stdout
-    assert "Schedulable:    draining" in describe and "GPUs: none" in describe
+    assert "Schedulable:    cordoned" in describe and "GPUs: none" in describe
 
     clowderctl(controller, "node", "label", "w1", "zone-", "team-")
     clowderctl(controller, "node", "uncordon", "w2")
@@ -145,7 +112,7 @@ def test_labels_cordon_and_drain_are_reflected(clowderd):
     missing = clowderctl(controller, "node", "cordon", "w9", check=False)
     assert missing.returncode == 1 and "no node named 'w9'" in missing.stderr
     changes = [("NodeLabeled", "Node/w1"), ("NodeCordoned", "Node/w1"), ("NodeDraining", "Node/w2"),
-               ("NodeLabeled", "Node/w1"), ("NodeUncordoned", "Node/w2")]
+               ("NodeDrained", "Node/w2"), ("NodeLabeled", "Node/w1"), ("NodeUncordoned", "Node/w2")]
     assert [(e["reason"], e["object"]) for e in events(controller) if e["reason"] != "NodeJoined"] == changes
     assert json.loads(followed.get(timeout=30))["reason"] == "NodeJoined"
     assert [(e["reason"], e["object"]) for e in (json.loads(followed.get(timeout=30)) for _ in changes)] == changes

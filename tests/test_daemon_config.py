@@ -227,3 +227,26 @@ def test_an_unreadable_join_token_file_exits_2_naming_the_key_and_file(clowderd,
     assert proc.wait() == 2, proc.stderr_text()
     err = proc.stderr_text()
     assert "worker.join_token_file" in err and f"cannot read the join token from {missing}" in err
+
+
+def test_controller_storage_strategy_and_deployments_from_the_file(tmp_path):
+    path = write(tmp_path, '[controller]\nstorage = "10.0.0.5:7071"\nstrategy = "spread"\n'
+                           '[controller.deploy]\nchat = "smollm2:135m-instruct"\n')
+    cfg = build_config(path, {})
+    assert (cfg.controller_storage, cfg.controller_strategy) == (Address("10.0.0.5", 7071), "spread")
+    assert cfg.controller_deploy == {"chat": "smollm2:135m-instruct"}
+    assert build_config(None, {}).controller_storage is None  # the storage role of the same process
+    with pytest.raises(ConfigError, match=r"c.toml: controller.strategy: 'pack' is not one of binpack, spread"):
+        build_config(write(tmp_path, '[controller]\nstrategy = "pack"\n'), {})
+    with pytest.raises(ConfigError, match=r"c.toml: controller.deploy: 'Chat' is not a deployment name"):
+        build_config(write(tmp_path, '[controller.deploy]\nChat = "x:1"\n'), {})
+
+
+def test_the_lb_shows_the_join_token_of_its_file_or_the_controller_beside_it(tmp_path):
+    assert build_config(None, {"data_dir": str(tmp_path)}).lb_join_token_file == \
+        str(tmp_path / "controller" / "join-token")
+    path = write(tmp_path, 'roles = ["lb"]\n[lb]\ncontroller = "ctl.example:7070"\n'
+                           'join_token_file = "/etc/clowder/join-token"\n')
+    assert build_config(path, {}).lb_join_token_file == "/etc/clowder/join-token"
+    alone = write(tmp_path, 'roles = ["lb"]\n[lb]\ncontroller = "ctl.example:7070"\n')
+    assert (build_config(alone, {}).lb_join_token, build_config(alone, {}).lb_join_token_file) == (None, None)

@@ -6,7 +6,7 @@ import socket
 import grpc
 import pytest
 
-from clowder.v1 import (common_pb2, controller_pb2, controller_pb2_grpc, node_pb2, node_pb2_grpc, registry_pb2,
+from clowder.v1 import (common_pb2, node_pb2, node_pb2_grpc, registry_pb2,
                         registry_pb2_grpc)
 
 ROLE = {"controller": common_pb2.ROLE_CONTROLLER, "storage": common_pb2.ROLE_STORAGE,
@@ -50,10 +50,6 @@ def test_subset_of_roles_starts_only_those_servers(clowderd):
 
 
 @pytest.mark.parametrize("role, call", [
-    ("controller", lambda ch: controller_pb2_grpc.ControllerStub(ch).ListDeployments(
-        controller_pb2.ListDeploymentsRequest(), timeout=5)),
-    ("controller", lambda ch: list(controller_pb2_grpc.MembershipStub(ch).WatchRoutes(
-        controller_pb2.WatchRoutesRequest(), timeout=5))),
     ("storage", lambda ch: registry_pb2_grpc.RegistryStub(ch).PutBlob(
         iter([registry_pb2.PutBlobRequest(data=b"x")]), timeout=5)),
 ])

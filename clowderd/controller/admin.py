@@ -1,5 +1,5 @@
-"""clowder.v1.Controller, the admin API: nodes, events and the join token. Every call needs the admin
-token. The deployment methods answer UNIMPLEMENTED until the scheduler is there."""
+"""clowder.v1.Controller, the admin API: nodes, deployments (deployments.py), events and the join token.
+Every call needs the admin token."""
 from __future__ import annotations
 
 import functools
@@ -7,13 +7,14 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from clowder.v1 import controller_pb2, controller_pb2_grpc
 from clowderd.controller import tokens
-from clowderd.controller.cluster import EVENTS, Cluster
+from clowderd.controller.cluster import DEPLOYMENTS, EVENTS, Cluster
+from clowderd.controller.deployments import Deployments
 from clowderd.controller.state import READY, EventRecord, NodeRecord
 from clowderd.controller.status import HANDLED, status_code
+from clowderd.controller.timestamps import timestamp
 from clowderd.controller.tokens import ClusterTokens
 from clowderd.errors import InvalidInput
 from clowderd.server import ROLE_ENUM, unimplemented_servicer
@@ -23,12 +24,6 @@ MAX_PAGE_SIZE = 1000
 
 _Unimplemented = type(unimplemented_servicer(controller_pb2_grpc.ControllerServicer, controller_pb2.DESCRIPTOR,
                                              "Controller"))
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromNanoseconds(int(seconds * 1e9))
-    return out
 
 
 def cluster_node(node: NodeRecord) -> controller_pb2.ClusterNode:
@@ -74,10 +69,11 @@ def admin_call(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 
 
 class AdminServicer(_Unimplemented):
-    def __init__(self, cluster: Cluster, cluster_tokens: ClusterTokens):
+    def __init__(self, cluster: Cluster, cluster_tokens: ClusterTokens, deployments: Deployments):
         self.cluster = cluster
         self.state = cluster.state
         self.cluster_tokens = cluster_tokens
+        self.deployments = deployments
 
     async def authorize(self, context: grpc.aio.ServicerContext) -> None:
         token = tokens.bearer(context.invocation_metadata())
@@ -108,30 +104,70 @@ class AdminServicer(_Unimplemented):
                       context: grpc.aio.ServicerContext) -> controller_pb2.ClusterNode:
         return cluster_node(await self.cluster.call(self.state.node_by_name, request.name))
 
+    async def _scheduling_changed(self, method: Callable[..., NodeRecord], *args: Any, **kwargs: Any) -> NodeRecord:
+        """Run a change of a node that may move replicas, and wake the reconcile loop."""
+        node = await self.cluster.call(method, *args, **kwargs)
+        self.cluster.changes.publish(DEPLOYMENTS)
+        return node
+
     @admin_call
     async def LabelNode(self, request: controller_pb2.LabelNodeRequest,
                         context: grpc.aio.ServicerContext) -> controller_pb2.ClusterNode:
-        return cluster_node(await self.cluster.call(self.state.label_node, request.name, dict(request.set),
-                                                    list(request.remove), time.time()))
+        return cluster_node(await self._scheduling_changed(self.state.label_node, request.name, dict(request.set),
+                                                           list(request.remove), time.time()))
 
     @admin_call
     async def CordonNode(self, request: controller_pb2.CordonNodeRequest,
                          context: grpc.aio.ServicerContext) -> controller_pb2.ClusterNode:
-        return cluster_node(await self.cluster.call(self.state.set_schedulable, request.name, cordoned=True,
-                                                    draining=False, now=time.time()))
+        return cluster_node(await self._scheduling_changed(self.state.set_schedulable, request.name, cordoned=True,
+                                                           draining=False, now=time.time()))
 
     @admin_call
     async def UncordonNode(self, request: controller_pb2.UncordonNodeRequest,
                            context: grpc.aio.ServicerContext) -> controller_pb2.ClusterNode:
-        return cluster_node(await self.cluster.call(self.state.set_schedulable, request.name, cordoned=False,
-                                                    draining=False, now=time.time()))
+        return cluster_node(await self._scheduling_changed(self.state.set_schedulable, request.name, cordoned=False,
+                                                           draining=False, now=time.time()))
 
     @admin_call
     async def DrainNode(self, request: controller_pb2.DrainNodeRequest,
                         context: grpc.aio.ServicerContext) -> controller_pb2.DrainNodeResponse:
-        node = await self.cluster.call(self.state.set_schedulable, request.name, cordoned=True, draining=True,
-                                       now=time.time())
+        node = await self._scheduling_changed(self.state.set_schedulable, request.name, cordoned=True, draining=True,
+                                              now=time.time())
         return controller_pb2.DrainNodeResponse(node=cluster_node(node))
+
+    # -- deployments ------------------------------------------------------------------------------
+
+    @admin_call
+    async def CreateDeployment(self, request: controller_pb2.CreateDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> controller_pb2.Deployment:
+        return await self.deployments.create(request)
+
+    @admin_call
+    async def ListDeployments(self, request: controller_pb2.ListDeploymentsRequest,
+                              context: grpc.aio.ServicerContext) -> controller_pb2.ListDeploymentsResponse:
+        return await self.deployments.list(request, parse_label_selector(request.label_selector),
+                                           page_size(request.page_size))
+
+    @admin_call
+    async def GetDeployment(self, request: controller_pb2.GetDeploymentRequest,
+                            context: grpc.aio.ServicerContext) -> controller_pb2.Deployment:
+        return await self.deployments.get(request.name)
+
+    @admin_call
+    async def ScaleDeployment(self, request: controller_pb2.ScaleDeploymentRequest,
+                              context: grpc.aio.ServicerContext) -> controller_pb2.Deployment:
+        return await self.deployments.scale(request)
+
+    @admin_call
+    async def UpdateDeployment(self, request: controller_pb2.UpdateDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> controller_pb2.Deployment:
+        return await self.deployments.update(request)
+
+    @admin_call
+    async def DeleteDeployment(self, request: controller_pb2.DeleteDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> controller_pb2.DeleteDeploymentResponse:
+        await self.deployments.delete(request)
+        return controller_pb2.DeleteDeploymentResponse()
 
     # -- events -----------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Every query and write runs on one thread of its own, one at a time: SQLite never blocks the event
 loop and never sees two writers. Whoever watches a node's assignments or the events waits on
-`changes`, which moves when a call changed them.
+`changes`, which moves when a call changed them. DEPLOYMENTS moves when anything the reconcile loop
+or the routes depend on changed: deployments, replicas and what nodes report of them, nodes joining,
+going and coming back, cordons and drains.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from clowderd.controller.state import ClusterState
 T = TypeVar("T")
 
 EVENTS = "events"
+DEPLOYMENTS = "deployments"
 
 
 def assignments_key(node_id: str) -> tuple[str, str]:

@@ -1,5 +1,9 @@
-"""clowder.v1.Membership: nodes join, heartbeat, and follow the replicas assigned to them. WatchRoutes
-answers UNIMPLEMENTED until the controller has routes to publish."""
+"""clowder.v1.Membership: nodes join, heartbeat, and follow the replicas assigned to them; load balancers
+follow the routes (routes.py).
+
+Membership calls carry the node credential from Join, except WatchRoutes, which a load balancer may
+call before or without joining: it also takes the join token (which an lb has where a worker would)
+or the admin token."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +14,8 @@ from google.protobuf import duration_pb2
 
 from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from clowderd.controller import tokens
-from clowderd.controller.cluster import Cluster, assignments_key
+from clowderd.controller.cluster import DEPLOYMENTS, Cluster, assignments_key
+from clowderd.controller.routes import RouteFeed
 from clowderd.controller.state import WARNING
 from clowderd.controller.status import HANDLED, status_code
 from clowderd.controller.tokens import ClusterTokens
@@ -57,6 +62,7 @@ class MembershipServicer(_Unimplemented):
         self.cluster_tokens = cluster_tokens
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_grace = heartbeat_grace
+        self.routes = RouteFeed(cluster)
 
     async def Join(self, request: controller_pb2.JoinRequest,
                    context: grpc.aio.ServicerContext) -> controller_pb2.JoinResponse:
@@ -79,6 +85,7 @@ class MembershipServicer(_Unimplemented):
                                    else "no join token was given")
         except HANDLED as e:
             await context.abort(status_code(e), str(e))
+        self.cluster.changes.publish(DEPLOYMENTS)
         log.info("node joined", extra={"node": node.name, "node_id": node.id, "worker_address": address})
         return controller_pb2.JoinResponse(
             node_id=node.id, node_credential=credential, heartbeat_interval=_duration(self.heartbeat_interval),
@@ -108,8 +115,9 @@ class MembershipServicer(_Unimplemented):
                         context: grpc.aio.ServicerContext) -> controller_pb2.HeartbeatResponse:
         if not await self._authenticate(request.node_id, context):
             return controller_pb2.HeartbeatResponse(rejoin=True)
-        await self.cluster.call(self.state.record_heartbeat, request.node_id, request.inventory,
-                                list(request.replicas), time.time())
+        if await self.cluster.call(self.state.record_heartbeat, request.node_id, request.inventory,
+                                   list(request.replicas), time.time(), list(request.stored_manifests)):
+            self.cluster.changes.publish(DEPLOYMENTS)
         return controller_pb2.HeartbeatResponse()
 
     async def WatchAssignments(self, request: controller_pb2.WatchAssignmentsRequest,
@@ -136,3 +144,16 @@ class MembershipServicer(_Unimplemented):
             sent = current
             if not await self.cluster.changes.wait(key, seen):
                 return
+
+    async def WatchRoutes(self, request: controller_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext):
+        secret = tokens.bearer(context.invocation_metadata())
+        if not (self.cluster_tokens.admits(secret) or self.cluster_tokens.is_admin(secret)
+                or request.node_id and tokens.matches(secret, await self.cluster.call(self.state.node_credential,
+                                                                                       request.node_id))):
+            what = "the credential is wrong" if secret else "no credential was given"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"WatchRoutes: {what}: send `authorization: Bearer TOKEN` with the join token "
+                                "([lb] join_token or join_token_file), the admin token, or the node credential "
+                                "of node_id")
+        async for event in self.routes.watch():
+            yield event

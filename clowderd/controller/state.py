@@ -25,9 +25,10 @@ from typing import Any, Iterator, Mapping, Sequence
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clowder.v1 import common_pb2
+from clowder.v1 import common_pb2, controller_pb2
 from clowderd.config import LABEL_KEY_RE
-from clowderd.errors import AlreadyExists, InvalidInput, NotFound, StoreError
+from clowderd.controller.images import ResolvedImage
+from clowderd.errors import AlreadyExists, Conflict, InvalidInput, NotFound, StoreError
 
 READY, UNREACHABLE = "ready", "unreachable"
 NORMAL, WARNING = "Normal", "Warning"
@@ -89,7 +90,17 @@ CREATE TABLE replicas (
 );
 CREATE INDEX replicas_by_node ON replicas (node_id);
 CREATE INDEX replicas_by_deployment ON replicas (deployment);
-""",)
+""", """
+ALTER TABLE nodes ADD COLUMN stored_manifests TEXT NOT NULL DEFAULT '[]';  -- JSON array, from the last heartbeat
+ALTER TABLE deployments ADD COLUMN image TEXT NOT NULL DEFAULT '{}';  -- the image as resolved (ResolvedImage)
+ALTER TABLE replicas ADD COLUMN memory INTEGER NOT NULL DEFAULT 0;       -- bytes claimed on the node (CPU)
+ALTER TABLE replicas ADD COLUMN gpu_memory TEXT NOT NULL DEFAULT '{}';  -- JSON: GPU uuid -> bytes claimed
+ALTER TABLE replicas ADD COLUMN pending_reason TEXT NOT NULL DEFAULT '';  -- why it is not placed
+ALTER TABLE replicas ADD COLUMN preempted_by TEXT NOT NULL DEFAULT '';   -- what evicted it, until placed again
+ALTER TABLE replicas ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;     -- failed starts in a row
+ALTER TABLE replicas ADD COLUMN failed_generation INTEGER NOT NULL DEFAULT 0;  -- the last one counted
+ALTER TABLE replicas ADD COLUMN restart_at REAL NOT NULL DEFAULT 0;      -- 0: no restart due
+""")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -108,6 +119,7 @@ class NodeRecord:
     state_since: float
     joined_at: float
     last_heartbeat: float
+    stored_manifests: list[str]  # manifest digests in its content store, as of its last heartbeat
 
     def effective_labels(self) -> dict[str, str]:
         """The node's own labels, overridden by the admin's."""
@@ -130,12 +142,40 @@ class EventRecord:
 class ReplicaRecord:
     id: str
     deployment: str
-    node_id: str | None
+    node_id: str | None  # None: not placed
     spec: common_pb2.ReplicaSpec
-    observed_state: str
+    observed_state: str  # ReplicaState name as the node reports it, '' before it does
     observed_message: str
     observed_generation: int
     observed_at: float
+    memory: int  # bytes of node memory claimed (a CPU replica)
+    gpu_memory: dict[str, int]  # GPU uuid -> bytes claimed
+    pending_reason: str
+    preempted_by: str
+    failures: int
+    failed_generation: int
+    restart_at: float
+    created_at: float
+
+    @property
+    def ready(self) -> bool:
+        return self.node_id is not None and self.observed_state == "READY" \
+            and self.observed_generation == self.spec.generation
+
+
+@dataclass
+class DeploymentRecord:
+    name: str
+    spec: controller_pb2.DeploymentSpec
+    generation: int
+    labels: dict[str, str]
+    image: ResolvedImage
+    created_at: float
+    updated_at: float
+
+    @property
+    def etag(self) -> str:
+        return f"{self.generation}.{int(self.updated_at * 1e6)}"
 
 
 def _to_json(message: Message) -> str:
@@ -295,23 +335,45 @@ class ClusterState:
         self._event(NORMAL, "NodeReady", "Node", name, f"node {name} is heartbeating again", now, name)
 
     def record_heartbeat(self, node_id: str, inventory: common_pb2.ResourceInventory,
-                         replicas: Sequence[common_pb2.ReplicaStatus], now: float) -> bool:
-        """Store what the node reported; an unreachable node is ready again. False for an unknown node."""
+                         replicas: Sequence[common_pb2.ReplicaStatus], now: float,
+                         stored_manifests: Sequence[str] = ()) -> bool | None:
+        """Store what the node reported; an unreachable node is ready again. None for an unknown node, else
+        whether the scheduler has news: a replica's state, message or generation changed, or the node is
+        back. A replica of the node that became READY or FAILED gets an event."""
         with self._write() as db:
-            row = db.execute("SELECT name, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            row = db.execute("SELECT name, state, reported_replicas FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
-                return False
-            reported = json.dumps([json_format.MessageToDict(r) for r in replicas], separators=(",", ":"))
-            db.execute("UPDATE nodes SET inventory = ?, reported_replicas = ?, last_heartbeat = ? WHERE id = ?",
-                       (_to_json(inventory), reported, now, node_id))
-            db.executemany(
-                "UPDATE replicas SET observed_state = ?, observed_message = ?, observed_generation = ?, "
-                "observed_at = ? WHERE id = ? AND node_id = ?",
-                [(common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"), r.message,
-                  r.observed_generation, now, r.replica_id, node_id) for r in replicas])
+                return None
+            before = {r["replicaId"]: r for r in json.loads(row["reported_replicas"])}
+            reported = [json_format.MessageToDict(r) for r in replicas]
+            db.execute("UPDATE nodes SET inventory = ?, reported_replicas = ?, stored_manifests = ?, "
+                       "last_heartbeat = ? WHERE id = ?",
+                       (_to_json(inventory), json.dumps(reported, separators=(",", ":")),
+                        json.dumps(sorted(stored_manifests)), now, node_id))
+            placed = {r["id"]: r for r in db.execute(
+                "SELECT id, deployment, observed_state, observed_generation FROM replicas WHERE node_id = ?",
+                (node_id,))}
+            news = False
+            for status, as_dict in zip(replicas, reported):
+                seen = before.get(status.replica_id, {})
+                news |= any(seen.get(k) != as_dict.get(k) for k in ("state", "message", "observedGeneration"))
+                old = placed.get(status.replica_id)
+                if old is None:
+                    continue
+                state = common_pb2.ReplicaState.Name(status.state).removeprefix("REPLICA_STATE_")
+                db.execute("UPDATE replicas SET observed_state = ?, observed_message = ?, observed_generation = ?, "
+                           "observed_at = ? WHERE id = ?",
+                           (state, status.message, status.observed_generation, now, status.replica_id))
+                if state in ("READY", "FAILED") and (old["observed_state"], old["observed_generation"]) != (
+                        state, status.observed_generation):
+                    self._event(NORMAL if state == "READY" else WARNING, f"Replica{state.title()}", "Deployment",
+                                old["deployment"], f"replica {status.replica_id} is {state} on node {row['name']}"
+                                + (f": {status.message}" if status.message else ""), now, row["name"])
+            news |= len(before) != len(reported)
             if row["state"] != READY:
                 self._set_ready(node_id, row["name"], now)
-        return True
+                news = True
+        return news
 
     def mark_unreachable(self, silent_since: float, now: float, grace: float) -> list[str]:
         """Mark unreachable every ready node with no heartbeat since `silent_since`; their names."""
@@ -353,7 +415,8 @@ class ClusterState:
             id=row["id"], name=row["name"], roles=[r for r in row["roles"].split(",") if r],
             worker_address=row["worker_address"], info=info, replicas=replicas, labels=json.loads(row["labels"]),
             cordoned=bool(row["cordoned"]), draining=bool(row["draining"]), state=row["state"],
-            state_since=row["state_since"], joined_at=row["joined_at"], last_heartbeat=row["last_heartbeat"])
+            state_since=row["state_since"], joined_at=row["joined_at"], last_heartbeat=row["last_heartbeat"],
+            stored_manifests=json.loads(row["stored_manifests"]))
 
     def label_node(self, name: str, set_labels: Mapping[str, str], remove: Sequence[str], now: float) -> NodeRecord:
         """Set and remove admin labels. Removing a key the node sets itself only ends an admin override of it;
@@ -394,6 +457,80 @@ class ClusterState:
                 self._event(NORMAL, reason, "Node", name, f"node {name} {message}", now, name)
         return self.node(node.id)
 
+    def finish_drain(self, node_id: str, now: float) -> None:
+        """The draining node has no replica left: the drain is over; the node stays cordoned."""
+        with self._write() as db:
+            node = self.node(node_id)
+            db.execute("UPDATE nodes SET draining = 0 WHERE id = ?", (node_id,))
+            self._event(NORMAL, "NodeDrained", "Node", node.name, f"node {node.name} is drained: its replicas "
+                        "run elsewhere; it stays cordoned until `clowderctl node uncordon`", now, node.name)
+
+    # -- deployments ------------------------------------------------------------------------------
+
+    def create_deployment(self, name: str, spec: controller_pb2.DeploymentSpec, labels: Mapping[str, str],
+                          image: ResolvedImage, now: float) -> DeploymentRecord:
+        with self._write() as db:
+            self.deployment_absent(name)
+            db.execute("INSERT INTO deployments (name, spec, generation, labels, image, created_at, updated_at) "
+                       "VALUES (?, ?, 1, ?, ?, ?, ?)",
+                       (name, _to_json(spec), json.dumps(dict(labels), sort_keys=True),
+                        json.dumps(image.as_dict(), sort_keys=True), now, now))
+            self._event(NORMAL, "DeploymentCreated", "Deployment", name,
+                        f"deployment {name}: {spec.replicas} replica(s) of {spec.image} ({image.manifest_digest})", now)
+        return self.deployment(name)
+
+    def update_deployment(self, name: str, spec: controller_pb2.DeploymentSpec, labels: Mapping[str, str],
+                          image: ResolvedImage, etag: str, reason: str, message: str, now: float) -> DeploymentRecord:
+        """Replace the spec (a new generation when it changed), the labels and the resolved image. Conflict
+        when etag is given and is not the deployment's."""
+        with self._write() as db:
+            current = self.deployment(name)
+            if etag and etag != current.etag:
+                raise Conflict(f"deployment {name!r} changed since etag {etag!r} (now {current.etag!r}); read it "
+                               "again and retry")
+            generation = current.generation + (spec != current.spec or image != current.image)
+            db.execute("UPDATE deployments SET spec = ?, generation = ?, labels = ?, image = ?, updated_at = ? "
+                       "WHERE name = ?", (_to_json(spec), generation, json.dumps(dict(labels), sort_keys=True),
+                                          json.dumps(image.as_dict(), sort_keys=True), now, name))
+            self._event(NORMAL, reason, "Deployment", name, message, now)
+        return self.deployment(name)
+
+    def delete_deployment(self, name: str, etag: str, now: float) -> list[str]:
+        """Remove the deployment and its replicas; the nodes they were on (to be told)."""
+        with self._write() as db:
+            current = self.deployment(name)
+            if etag and etag != current.etag:
+                raise Conflict(f"deployment {name!r} changed since etag {etag!r} (now {current.etag!r})")
+            nodes = [r[0] for r in db.execute("SELECT DISTINCT node_id FROM replicas WHERE deployment = ? "
+                                              "AND node_id IS NOT NULL", (name,))]
+            db.execute("DELETE FROM replicas WHERE deployment = ?", (name,))
+            db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+            self._event(NORMAL, "DeploymentDeleted", "Deployment", name, f"deployment {name} deleted", now)
+        return nodes
+
+    def deployment_absent(self, name: str) -> None:
+        """AlreadyExists when a deployment has the name."""
+        if self._conn.execute("SELECT 1 FROM deployments WHERE name = ?", (name,)).fetchone() is not None:
+            raise AlreadyExists(f"deployment {name!r} exists; `clowderctl update` changes its image, "
+                                "`clowderctl scale` its replicas")
+
+    def deployment(self, name: str) -> DeploymentRecord:
+        row = self._conn.execute("SELECT * FROM deployments WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no deployment named {name!r}; `clowderctl deployments` lists them")
+        return self._deployment(row)
+
+    def deployments(self) -> list[DeploymentRecord]:
+        return [self._deployment(row) for row in self._conn.execute("SELECT * FROM deployments ORDER BY name")]
+
+    @staticmethod
+    def _deployment(row: sqlite3.Row) -> DeploymentRecord:
+        return DeploymentRecord(
+            name=row["name"], spec=_from_json(row["spec"], controller_pb2.DeploymentSpec),
+            generation=row["generation"], labels=json.loads(row["labels"]),
+            image=ResolvedImage.from_dict(json.loads(row["image"])), created_at=row["created_at"],
+            updated_at=row["updated_at"])
+
     # -- replicas ---------------------------------------------------------------------------------
 
     def assign(self, spec: common_pb2.ReplicaSpec, node_id: str, now: float) -> str | None:
@@ -428,8 +565,97 @@ class ClusterState:
         row = self._conn.execute("SELECT * FROM replicas WHERE id = ?", (replica_id,)).fetchone()
         if row is None:
             raise NotFound(f"no replica {replica_id!r}")
+        return self._replica(row)
+
+    def replicas(self, deployment: str = "") -> list[ReplicaRecord]:
+        """Every replica (of the deployment, when one is named), oldest first."""
+        sql, args = "SELECT * FROM replicas", ()
+        if deployment:
+            sql, args = sql + " WHERE deployment = ?", (deployment,)
+        return [self._replica(row) for row in self._conn.execute(sql + " ORDER BY created_at, id", args)]
+
+    @staticmethod
+    def _replica(row: sqlite3.Row) -> ReplicaRecord:
         return ReplicaRecord(
             id=row["id"], deployment=row["deployment"], node_id=row["node_id"],
             spec=_from_json(row["spec"], common_pb2.ReplicaSpec), observed_state=row["observed_state"],
             observed_message=row["observed_message"], observed_generation=row["observed_generation"],
-            observed_at=row["observed_at"])
+            observed_at=row["observed_at"], memory=row["memory"], gpu_memory=json.loads(row["gpu_memory"]),
+            pending_reason=row["pending_reason"], preempted_by=row["preempted_by"], failures=row["failures"],
+            failed_generation=row["failed_generation"], restart_at=row["restart_at"], created_at=row["created_at"])
+
+    def add_replica(self, spec: common_pb2.ReplicaSpec, now: float) -> None:
+        """A new replica, not placed yet."""
+        with self._write() as db:
+            db.execute("INSERT INTO replicas (id, deployment, spec, created_at) VALUES (?, ?, ?, ?)",
+                       (spec.replica_id, spec.deployment, _to_json(spec), now))
+
+    def place_replica(self, spec: common_pb2.ReplicaSpec, node_id: str, memory: int, gpu_memory: Mapping[str, int],
+                      now: float) -> None:
+        """Put an unplaced replica on a node, with the memory the scheduler claimed for it there."""
+        with self._write() as db:
+            node = self.node(node_id)
+            db.execute("UPDATE replicas SET node_id = ?, spec = ?, memory = ?, gpu_memory = ?, pending_reason = '', "
+                       "preempted_by = '', observed_state = '', observed_message = '', observed_generation = 0 "
+                       "WHERE id = ?", (node_id, _to_json(spec), memory, json.dumps(dict(gpu_memory)),
+                                        spec.replica_id))
+            self._event(NORMAL, "ReplicaScheduled", "Deployment", spec.deployment,
+                        f"replica {spec.replica_id} placed on node {node.name}", now, node.name)
+
+    def evict_replica(self, replica_id: str, preempted_by: str, now: float) -> str:
+        """Take a replica off its node to make room (it is PENDING again); the node it was on."""
+        with self._write() as db:
+            replica = self.replica(replica_id)
+            node = self.node(replica.node_id)
+            db.execute("UPDATE replicas SET node_id = NULL, memory = 0, gpu_memory = '{}', preempted_by = ?, "
+                       "observed_state = '', observed_message = '', observed_generation = 0 WHERE id = ?",
+                       (preempted_by, replica_id))
+            self._event(WARNING, "Preempted", "Deployment", replica.deployment,
+                        f"replica {replica_id} was evicted from node {node.name}: preempted by {preempted_by}", now,
+                        node.name)
+        return node.id
+
+    def set_pending_reason(self, replica_id: str, reason: str, now: float) -> None:
+        """Why the replica cannot be placed; a new reason is also an Unschedulable event."""
+        with self._write() as db:
+            replica = self.replica(replica_id)
+            if replica.pending_reason != reason:
+                db.execute("UPDATE replicas SET pending_reason = ? WHERE id = ?", (reason, replica_id))
+                self._event(WARNING, "Unschedulable", "Deployment", replica.deployment,
+                            f"replica {replica_id}: {reason}", now)
+
+    def record_failure(self, replica_id: str, restart_at: float, now: float) -> int:
+        """Count the failure of the replica's current generation; restart it at restart_at (0: never). The
+        failures in a row."""
+        with self._write() as db:
+            replica = self.replica(replica_id)
+            failures = replica.failures + 1
+            db.execute("UPDATE replicas SET failures = ?, failed_generation = ?, restart_at = ? WHERE id = ?",
+                       (failures, replica.spec.generation, restart_at, replica_id))
+            if not restart_at:
+                self._event(WARNING, "DeploymentFailed", "Deployment", replica.deployment,
+                            f"replica {replica_id} failed {failures} times in a row, the last: "
+                            f"{replica.observed_message}", now)
+        return failures
+
+    def restart_replica(self, spec: common_pb2.ReplicaSpec, now: float) -> None:
+        """Run the replica again where it is, as a new generation of its spec."""
+        with self._write() as db:
+            replica = self.replica(spec.replica_id)
+            db.execute("UPDATE replicas SET spec = ?, restart_at = 0 WHERE id = ?", (_to_json(spec), spec.replica_id))
+            self._event(NORMAL, "ReplicaRestarted", "Deployment", replica.deployment,
+                        f"replica {spec.replica_id}: start {replica.failures + 1} (generation {spec.generation})",
+                        now)
+
+    def reset_failures(self, replica_id: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE replicas SET failures = 0 WHERE id = ?", (replica_id,))
+
+    def remove_replica(self, replica_id: str, why: str, now: float) -> str | None:
+        """Remove a replica, saying why in an event; the node it was on, if any."""
+        with self._write() as db:
+            replica = self.replica(replica_id)
+            db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+            self._event(NORMAL, "ReplicaRemoved", "Deployment", replica.deployment, f"replica {replica_id}: {why}",
+                        now)
+        return replica.node_id

@@ -44,7 +44,8 @@ class LbNode:
         cfg = self.process.config
         http = cfg.lb_http
         watch = RouteWatch(self.routes, lambda: self.process.controller_address("lb"), cfg.node_name,
-                           on_change=self.chains.forget)
+                           on_change=self.chains.forget, join_token=cfg.lb_join_token,
+                           join_token_file=cfg.lb_join_token_file)
         watching = asyncio.get_running_loop().create_task(watch.run(), name="lb-route-watch")
 
         async def stop_watching() -> None:

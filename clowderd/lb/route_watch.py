@@ -2,12 +2,17 @@
 first, then changes, each route complete. When the controller goes away the lb keeps serving with the
 routes it has and reconnects with backoff, resuming from the last revision it saw; a controller restart
 disturbs no call.
+
+The watch shows the cluster's join token (`authorization: Bearer TOKEN`): [lb] join_token, or the file
+[lb] join_token_file (read at each connection, so that a rotated token is picked up), which defaults
+to the controller's own file when the controller runs in the same process.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -37,13 +42,27 @@ def route_from(msg: controller_pb2.Route) -> Route:
 
 class RouteWatch:
     def __init__(self, routes: RouteTable, controller: Callable[[], str], node_id: str,
-                 on_change: Callable[[str], None] = lambda deployment: None):
+                 on_change: Callable[[str], None] = lambda deployment: None, *, join_token: str | None = None,
+                 join_token_file: str | None = None):
         self.routes = routes
         self.controller = controller  # the controller's address, asked for at each connection
         self.node_id = node_id
         self.on_change = on_change
+        self.join_token = join_token
+        self.join_token_file = join_token_file
         self.revision = 0
         self.connected = asyncio.Event()  # set while a watch is open and its snapshot applied
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The join token as gRPC metadata; none when neither it nor a readable file is configured."""
+        token = self.join_token
+        if token is None and self.join_token_file is not None:
+            try:
+                token = Path(self.join_token_file).read_text().strip()
+            except OSError as e:
+                log.error("cannot read the join token; watching routes without it", extra={
+                    "file": self.join_token_file, "error": e.strerror})
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def apply(self, event: controller_pb2.RouteEvent) -> None:
         if event.type == SNAPSHOT:
@@ -68,7 +87,8 @@ class RouteWatch:
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
                     stream = controller_pb2_grpc.MembershipStub(channel).WatchRoutes(
-                        controller_pb2.WatchRoutesRequest(node_id=self.node_id, since_revision=self.revision))
+                        controller_pb2.WatchRoutesRequest(node_id=self.node_id, since_revision=self.revision),
+                        metadata=self.metadata())
                     async for event in stream:
                         self.apply(event)
                         if event.type == SNAPSHOT:

@@ -134,6 +134,10 @@ class ImageIndex:
                            (repository, row[0]))
         return row[0]
 
+    def manifest_digests(self) -> list[str]:
+        """Every manifest in the store, tagged or not."""
+        return [r[0] for r in self.db.execute("SELECT digest FROM manifests ORDER BY digest")]
+
     def image_blobs(self, manifest_digest: str) -> list[str]:
         rows = self.db.execute("SELECT blob FROM manifest_blobs WHERE manifest = ?", (manifest_digest,))
         return [r[0] for r in rows]

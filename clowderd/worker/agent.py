@@ -1,5 +1,5 @@
-"""The worker's side of membership: it joins the controller, heartbeats with the node's inventory and the
-states of its replicas, and runs the replicas the controller assigns to it.
+"""The worker's side of membership: it joins the controller, heartbeats with the node's inventory, the
+states of its replicas and the manifests its store holds, and runs the replicas the controller assigns to it.
 
 One session at a time: Join, then heartbeats and the assignment watch side by side until either fails;
 then a pause (growing up to the heartbeat interval, or up to a minute when the controller refused) and
@@ -141,14 +141,15 @@ def _reported(statuses: list[common_pb2.ReplicaStatus]) -> list[tuple]:
 class WorkerAgent:
     def __init__(self, *, replicas: ReplicaManager, status: Callable[[Replica], common_pb2.ReplicaStatus],
                  controller: str, join_token: Callable[[], str], node_info: Callable[[], common_pb2.NodeInfo],
-                 inventory: Inventory, identity_path: Path, unload_grace: float,
-                 on_joined: Callable[[str], None]):
+                 inventory: Inventory, stored_manifests: Callable[[], list[str]], identity_path: Path,
+                 unload_grace: float, on_joined: Callable[[str], None]):
         self.replicas = replicas
         self.status = status
         self.controller = controller
         self.join_token = join_token
         self.node_info = node_info
         self.inventory = inventory
+        self.stored_manifests = stored_manifests
         self.identity_path = identity_path
         self.unload_grace = unload_grace
         self.on_joined = on_joined
@@ -235,7 +236,8 @@ class WorkerAgent:
             if _reported(statuses) != reported or loop.time() >= due:
                 inventory = await asyncio.to_thread(self.inventory.take)
                 answer = await stub.Heartbeat(
-                    controller_pb2.HeartbeatRequest(node_id=node_id, inventory=inventory, replicas=statuses),
+                    controller_pb2.HeartbeatRequest(node_id=node_id, inventory=inventory, replicas=statuses,
+                                                    stored_manifests=self.stored_manifests()),
                     metadata=metadata, timeout=grace)
                 if answer.rejoin:
                     raise SessionEnded("the controller does not know this node any more")

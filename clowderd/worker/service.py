@@ -133,7 +133,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
         await WorkerAgent(
             replicas=replicas, status=servicer.status, controller=process.controller_address("worker"),
             join_token=join_token, node_info=process.node_info, inventory=inventory,
-            identity_path=Path(config.data_dir) / IDENTITY_FILE, unload_grace=DEFAULT_UNLOAD_GRACE_S,
+            stored_manifests=replicas.views.index.manifest_digests, identity_path=Path(config.data_dir) / IDENTITY_FILE, unload_grace=DEFAULT_UNLOAD_GRACE_S,
             on_joined=joined).run()
 
     process.run_in_background(run_agent, "worker agent")

@@ -1,0 +1,207 @@
+"""Deployments end to end, with real processes on loopback: a controller + storage process whose store
+holds the tiny chat llama, workers that pull it from there, and clowderctl. Replicas spread over two
+workers and a killed worker's replica is placed on the other (the seconds it takes are printed);
+a rolling update keeps a READY replica throughout; a controller killed and restarted disturbs no
+replica and the route watch resumes; a high-priority deployment preempts a preemptible one, whose
+unschedulable reason `clowderctl deployment describe` shows."""
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
+from clowderd.lb.route_watch import RouteWatch
+from clowderd.lb.routes import RouteTable
+from tests.clowderd_proc import ClowderdProcess, deep_merge
+from tests.cluster_fixtures import clowderctl, start_worker, token_file, wait_for
+from tests.worker_fixtures import CPU_ENGINE, build_chat_image, with_configuration
+
+INTERVAL, GRACE = 0.5, 2.0
+LOAD_TIMEOUT = 120.0
+READY = common_pb2.REPLICA_STATE_READY
+
+
+def start_controller(clowderd, data_dir: Path, **extra: Any) -> ClowderdProcess:
+    """The controller and storage roles on data_dir, whose store holds the images."""
+    config = {"node_name": "ctl", "data_dir": str(data_dir),
+              "controller": {"heartbeat_interval_seconds": INTERVAL, "heartbeat_grace_seconds": GRACE}}
+    args = extra.pop("args", ())
+    return clowderd(roles=("controller", "storage"), config_extra=deep_merge(config, extra), args=args)
+
+
+class Admin:
+    """The admin API, with the controller's admin token."""
+
+    def __init__(self, controller: ClowderdProcess):
+        self.channel = controller.channel("controller")
+        self.stub = controller_pb2_grpc.ControllerStub(self.channel)
+        token = (controller.data_dir / "controller" / "admin-token").read_text().strip()
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def deployment(self, name: str) -> controller_pb2.Deployment:
+        return self.stub.GetDeployment(controller_pb2.GetDeploymentRequest(name=name), metadata=self.metadata,
+                                       timeout=10)
+
+    def ready_replicas(self, name: str) -> list[common_pb2.ReplicaStatus]:
+        return [r for r in self.deployment(name).status.replicas if r.state == READY]
+
+
+def engine_pid(replica: common_pb2.ReplicaStatus) -> int:
+    return int(re.search(r"\(pid (\d+)\)", replica.message).group(1))
+
+
+@pytest.fixture
+def images(tmp_path_factory):
+    """The controller's data dir, its store holding tiny-chat:v1 and tiny-chat:v2 (another configuration on
+    the same weights)."""
+    data = tmp_path_factory.mktemp("controller") / "data"
+    v1 = build_chat_image(data / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
+    v2 = with_configuration(data / "store", v1, "tiny-chat:v2", {"engine": CPU_ENGINE, "priority": 1})
+    return data, v1, v2
+
+
+def test_replicas_spread_over_two_workers_and_a_killed_workers_replica_moves_to_the_other(clowderd, images):
+    data, v1, _ = images
+    controller = start_controller(clowderd, data, controller={"strategy": "spread"})
+    workers = {name: start_worker(clowderd, controller, name) for name in ("w1", "w2")}
+    admin = Admin(controller)
+
+    deployed = clowderctl(controller, "deploy", "chat", "tiny-chat:v1", "--replicas", "2", "--wait",
+                          "--timeout", str(LOAD_TIMEOUT))
+    assert "chat: READY 2/2 ready" in deployed.stdout
+    replicas = admin.ready_replicas("chat")
+    assert sorted(r.node_name for r in replicas) == ["w1", "w2"]
+    assert admin.deployment("chat").status.manifest_digest == v1.digest
+    on_w2 = next(r for r in replicas if r.node_name == "w2")
+
+    workers["w2"].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    moved = wait_for("both replicas READY on w1", lambda: len(ready := admin.ready_replicas("chat")) == 2 and all(
+        r.node_name == "w1" for r in ready) and ready, timeout=GRACE + 30)
+    failover = time.monotonic() - killed
+    print(f"\nfailover: the replica of the killed worker was READY on the other {failover:.1f}s after kill -9 "
+          f"(heartbeat grace {GRACE:g}s, interval {INTERVAL:g}s)")
+    assert on_w2.replica_id not in {r.replica_id for r in moved}  # placed anew, with a new id
+    assert failover < GRACE + 15
+    describe = clowderctl(controller, "deployment", "describe", "chat").stdout
+    assert f"replica {on_w2.replica_id}: node w2 is unreachable; a new replica takes its place" in describe
+
+
+def test_a_rolling_update_keeps_a_replica_ready_and_a_controller_restart_disturbs_none(clowderd, images):
+    data, v1, v2 = images
+    controller = start_controller(clowderd, data, args=("--deploy", "chat=tiny-chat:v1"))
+    worker = start_worker(clowderd, controller, "w1")
+    admin = Admin(controller)
+    first = wait_for("chat READY from --deploy", lambda: admin.ready_replicas("chat"), timeout=LOAD_TIMEOUT)[0]
+
+    routes, watch = RouteTable(), None
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start_watch() -> RouteWatch:
+        route_watch = RouteWatch(routes, lambda: controller.addresses["controller"], "lb-test",
+                                 join_token_file=str(token_file(controller)))
+        asyncio.ensure_future(route_watch.run())
+        return route_watch
+
+    watch = asyncio.run_coroutine_threadsafe(start_watch(), loop).result(10)
+    wait_for("the route of chat", lambda: (route := routes.get("chat")) and route.endpoints)
+
+    clowderctl(controller, "update", "chat", "tiny-chat:v2")
+    polls = 0
+    while True:
+        deployment = admin.deployment("chat")
+        ready = [r for r in deployment.status.replicas if r.state == READY]
+        assert ready, f"no READY replica during the rolling update: {deployment.status}"
+        assert routes.get("chat").endpoints, "the route lost every endpoint during the rolling update"
+        polls += 1
+        if deployment.status.state == controller_pb2.DEPLOYMENT_STATE_READY:
+            break
+        time.sleep(0.1)
+    assert polls > 1
+    assert deployment.status.manifest_digest == v2.digest
+    (second,) = deployment.status.replicas
+    assert second.replica_id != first.replica_id
+    wait_for("the route to the new replica only",
+             lambda: [e.replica_id for e in routes.get("chat").endpoints] == [second.replica_id])
+
+    engine = psutil.Process(engine_pid(second))
+    on_worker = worker_pb2_grpc.WorkerStub(worker.channel("worker"))
+    before = on_worker.ListReplicas(worker_pb2.ListReplicasRequest(deployment="chat"), timeout=10).replicas
+    controller.send_signal(signal.SIGKILL)
+    controller.wait()
+    wait_for("the route watch to notice", lambda: not watch.connected.is_set())
+    assert [e.replica_id for e in routes.get("chat").endpoints] == [second.replica_id]  # kept while away
+    controller = start_controller(clowderd, data, **{r: {"listen": controller.addresses[r]}
+                                                      for r in ("controller", "storage")})
+    wait_for("the route watch to resume", watch.connected.is_set, timeout=20)
+    assert [e.replica_id for e in routes.get("chat").endpoints] == [second.replica_id]
+    admin = Admin(controller)
+    back = time.time()
+    wait_for("a heartbeat after the restart", lambda: _heartbeat_after(admin, back))
+    assert [r.replica_id for r in admin.ready_replicas("chat")] == [second.replica_id]
+    after = on_worker.ListReplicas(worker_pb2.ListReplicasRequest(deployment="chat"), timeout=10).replicas
+    assert [(r.replica_id, r.state_since) for r in after if r.state == READY] == \
+        [(r.replica_id, r.state_since) for r in before if r.state == READY]
+    assert engine.is_running()
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def _heartbeat_after(admin: Admin, since: float) -> bool:
+    node = admin.stub.GetNode(controller_pb2.GetNodeRequest(name="w1"), metadata=admin.metadata, timeout=10)
+    return node.last_heartbeat.ToNanoseconds() / 1e9 > since + INTERVAL
+
+
+def test_a_high_priority_deployment_preempts_a_preemptible_one_whose_reason_describe_shows(clowderd, images):
+    data, v1, _ = images
+    share = psutil.virtual_memory().total * 0.6 / (1 << 30)  # two replicas do not fit on one node
+    with_configuration(data / "store", v1, "tiny-chat:big",
+                       {"engine": CPU_ENGINE, "placement": {"memory_gib": round(share, 2)}})
+    controller = start_controller(clowderd, data)
+    start_worker(clowderd, controller, "w1")
+    admin = Admin(controller)
+
+    clowderctl(controller, "deploy", "low", "tiny-chat:big", "--priority", "0", "--preemptible", "--wait",
+               "--timeout", str(LOAD_TIMEOUT))
+    (low,) = admin.ready_replicas("low")
+    clowderctl(controller, "deploy", "high", "tiny-chat:big", "--priority", "10", "--no-preemptible", "--wait",
+               "--timeout", str(LOAD_TIMEOUT))
+    assert [r.node_name for r in admin.ready_replicas("high")] == ["w1"]
+    evicted = wait_for("low unschedulable", lambda: (d := admin.deployment("low")).status.state ==
+                       controller_pb2.DEPLOYMENT_STATE_UNSCHEDULABLE and d)
+    (pending,) = evicted.status.replicas
+    assert pending.replica_id == low.replica_id and pending.state == common_pb2.REPLICA_STATE_PENDING
+    describe = clowderctl(controller, "deployment", "describe", "low").stdout
+    assert "preempted by deployment 'high' (priority 10)" in describe
+    assert "0/1 nodes can take a replica of 'low': 1 short of memory" in describe
+    assert "Preempted" in describe and "Unschedulable" in describe
+
+    refused = clowderctl(controller, "deploy", "third", "tiny-chat:big", "--wait", "--timeout", "2", check=False)
+    assert refused.returncode == 1
+    assert "deployment third is not READY after 2s (UNSCHEDULABLE): 0/1 nodes can take a replica of 'third'" \
+        in refused.stderr
+
+
+def test_the_route_watch_takes_the_join_or_admin_token_and_refuses_no_credential(clowderd, tmp_path):
+    controller = start_controller(clowderd, tmp_path / "data")
+    stub = controller_pb2_grpc.MembershipStub(controller.channel("controller"))
+    request = controller_pb2.WatchRoutesRequest(node_id="lb-1")
+    for name in ("join-token", "admin-token"):
+        secret = (controller.data_dir / "controller" / name).read_text().strip()
+        snapshot = next(iter(stub.WatchRoutes(request, metadata=(("authorization", f"Bearer {secret}"),),
+                                              timeout=5)))
+        assert (snapshot.type, list(snapshot.routes)) == (controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT, [])
+        assert snapshot.revision > 0
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(stub.WatchRoutes(request, timeout=5)))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no credential was given" in refused.value.details()

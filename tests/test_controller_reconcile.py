@@ -1,0 +1,106 @@
+"""Reconcile passes on a controller database, with the nodes' reports written as heartbeats would: a failed
+replica is restarted with backoff and the deployment shows FAILED after too many failures in a row; a
+drained node's replica is replaced before it is stopped, and then the drain ends."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from clowder.v1 import common_pb2, controller_pb2
+from clowderd.controller.cluster import Cluster
+from clowderd.controller.deployments import deployment_message
+from clowderd.controller.images import ResolvedImage
+from clowderd.controller.reconcile import MAX_FAILURES, Reconciler, restart_delay
+from clowderd.controller.state import ClusterState
+from tests.test_controller_state import T0, join
+
+IMAGE = ResolvedImage("sha256:" + "a" * 64, "127.0.0.1:7071", {"engine": {"name": "transformers"}},
+                      (("sha256:" + "b" * 64, 1 << 20),))
+INVENTORY = common_pb2.ResourceInventory(cpu_count=8, memory_total=64 << 30)
+
+
+@pytest.fixture
+def db(tmp_path):
+    state = ClusterState(tmp_path / "state.db")
+    yield state
+    state.close()
+
+
+@pytest.fixture
+def reconciler(db):
+    async def never() -> None:
+        await asyncio.Event().wait()
+    return Reconciler(Cluster(db, never), "binpack")
+
+
+def report(db: ClusterState, node_id: str, state: int, now: float, message: str = "") -> None:
+    """A heartbeat of the node with every replica placed on it in `state`."""
+    statuses = [common_pb2.ReplicaStatus(replica_id=r.id, deployment=r.deployment, state=state, message=message,
+                                         observed_generation=r.spec.generation)
+                for r in db.replicas() if r.node_id == node_id]
+    db.record_heartbeat(node_id, INVENTORY, statuses, now)
+
+
+def status(db: ClusterState, name: str) -> controller_pb2.DeploymentStatus:
+    nodes = {node.id: node for node in db.nodes()}
+    return deployment_message(db.deployment(name), db.replicas(name), nodes).status
+
+
+def test_a_failed_replica_restarts_with_backoff_until_the_deployment_shows_failed(db, reconciler):
+    w1 = join(db, "w1")
+    db.record_heartbeat(w1, INVENTORY, [], T0)
+    db.create_deployment("chat", controller_pb2.DeploymentSpec(image="chat:v1", replicas=1), {}, IMAGE, T0)
+    reconciler.reconcile(T0)
+    (replica,) = db.replicas("chat")
+    assert (replica.node_id, replica.spec.generation, replica.spec.sources) == (w1, 1, ["clowder://127.0.0.1:7071"])
+    now = T0
+    for failures in range(1, MAX_FAILURES + 1):
+        now += 1
+        report(db, w1, common_pb2.REPLICA_STATE_FAILED, now, message="engine exited with status 1: boom")
+        reconciler.reconcile(now)
+        replica = db.replica(replica.id)
+        assert replica.failures == failures
+        if failures == MAX_FAILURES:
+            break
+        assert replica.restart_at == now + restart_delay(failures)
+        reconciler.reconcile(replica.restart_at - 0.1)
+        assert db.replica(replica.id).spec.generation == failures  # not yet
+        now = replica.restart_at
+        reconciler.reconcile(now)
+        assert db.replica(replica.id).spec.generation == failures + 1
+        assert status(db, "chat").state == controller_pb2.DEPLOYMENT_STATE_PROGRESSING
+    reconciler.reconcile(now + 3600)
+    assert db.replica(replica.id).spec.generation == MAX_FAILURES  # no more restarts
+    failed = status(db, "chat")
+    assert failed.state == controller_pb2.DEPLOYMENT_STATE_FAILED
+    assert failed.message == f"replica {replica.id} failed {MAX_FAILURES} times in a row: engine exited with " \
+                             "status 1: boom"
+    assert [e.reason for e in db.events()].count("ReplicaRestarted") == MAX_FAILURES - 1
+
+
+def test_a_drained_nodes_replica_is_replaced_before_it_stops_and_the_drain_then_ends(db, reconciler):
+    w1, w2 = join(db, "w1"), join(db, "w2")
+    for node_id in (w1, w2):
+        db.record_heartbeat(node_id, INVENTORY, [], T0)
+    db.create_deployment("chat", controller_pb2.DeploymentSpec(image="chat:v1", replicas=1), {}, IMAGE, T0)
+    reconciler.reconcile(T0)
+    (old,) = db.replicas("chat")
+    source, target = (w1, w2) if old.node_id == w1 else (w2, w1)
+    report(db, source, common_pb2.REPLICA_STATE_READY, T0 + 1)
+    db.set_schedulable(db.node(source).name, cordoned=True, draining=True, now=T0 + 2)
+
+    reconciler.reconcile(T0 + 2)
+    assert sorted((r.id == old.id, r.node_id) for r in db.replicas("chat")) == [(False, target), (True, source)]
+    assert db.node(source).draining
+    reconciler.reconcile(T0 + 3)  # the new one is not READY yet: the old one keeps serving
+    assert len(db.replicas("chat")) == 2
+
+    report(db, target, common_pb2.REPLICA_STATE_READY, T0 + 4)
+    reconciler.reconcile(T0 + 4)
+    (new,) = db.replicas("chat")
+    assert new.node_id == target and new.id != old.id
+    node = db.node(source)
+    assert (node.cordoned, node.draining) == (True, False)
+    assert [e.reason for e in db.events()][-2:] == ["ReplicaRemoved", "NodeDrained"]
+    assert status(db, "chat").state == controller_pb2.DEPLOYMENT_STATE_READY
