@@ -56,6 +56,18 @@ def clowderctl(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
                           env=ENV, cwd=ROOT, capture_output=True, text=True)
 
 
+def build_image(data_dir: Path, model: Path, name: str) -> str:
+    """The model directory built as aimage `name` into the node's store."""
+    clowderfile = model.parent / f"{model.name}.Clowderfile"
+    clowderfile.write_text(json.dumps({"base": str(model)}))
+    store = ContentStore(data_dir / "store")
+    try:
+        build(store, load_clowderfile(clowderfile), name)
+    finally:
+        store.close()
+    return name
+
+
 def demo_into(data_dir: Path, workdir: Path) -> tuple[str, str]:
     """The demo aimage in the store (or a random llama of its shape): (image name, what it is)."""
     from clowderd.aimage.demo import locate_demo_gguf
@@ -65,14 +77,7 @@ def demo_into(data_dir: Path, workdir: Path) -> tuple[str, str]:
     except InvalidInput:
         model = modelgen.write_llama(workdir / "smollm2-shape", **modelgen.SMOLLM2_135M)
         write_tiny_tokenizer(model)
-        clowderfile = workdir / "Clowderfile"
-        clowderfile.write_text(json.dumps({"base": str(model)}))
-        store = ContentStore(data_dir / "store")
-        try:
-            build(store, load_clowderfile(clowderfile), "smollm2-shape:v1")
-        finally:
-            store.close()
-        return "smollm2-shape:v1", "a random-weight llama of SmolLM2-135M's shape"
+        return build_image(data_dir, model, "smollm2-shape:v1"), "a random-weight llama of SmolLM2-135M's shape"
     r = clowderctl(data_dir, "demo", "--no-adapter", "-q")
     if r.returncode != 0:
         raise SystemExit(f"clowderctl demo failed:\n{r.stderr}")
@@ -207,18 +212,10 @@ async def scheduling(controller: ClowderdProcess, image: str, workers: int, repl
 def start_controller(workdir: Path) -> tuple[ClowderdProcess, str]:
     config = _default_config(workdir, ("controller", "storage"))
     config["log"]["level"] = "warning"
-    data_dir = Path(config["data_dir"])
-    model = modelgen.write_llama(workdir / "tiny", **modelgen.TINY)
-    clowderfile = workdir / "Clowderfile"
-    clowderfile.write_text(json.dumps({"base": str(model)}))
-    store = ContentStore(data_dir / "store")
-    try:
-        build(store, load_clowderfile(clowderfile), "tiny:v1")
-    finally:
-        store.close()
+    image = build_image(Path(config["data_dir"]), modelgen.write_llama(workdir / "tiny", **modelgen.TINY), "tiny:v1")
     proc = ClowderdProcess(workdir, config, ("controller", "storage"))
     proc.wait_ready()
-    return proc, "tiny:v1"
+    return proc, image
 
 
 def main() -> None:

@@ -7,16 +7,15 @@ rename) with mode 0600, and a running lb picks the change up within seconds.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 
 import click
 
 from clowderctl.output import column, emit, output_option
 from clowderd.errors import InvalidInput
+from clowderd.files import write_private
 from clowderd.middleware.auth import key_digest, load_keys, read_users
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -44,18 +43,7 @@ def _write(path: Path, users: dict[str, dict]) -> None:
         if entry.get("requests_per_minute"):
             lines.append(f"requests_per_minute = {int(entry['requests_per_minute'])}")
         lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_private(path, "\n".join(lines))
 
 
 @click.group("apikey")

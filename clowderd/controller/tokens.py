@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from clowderd.controller.cluster import Cluster
 from clowderd.controller.state import NORMAL, ClusterState
+from clowderd.files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +56,7 @@ def read_token_file(path: Path) -> str | None:
 
 def write_token_file(path: Path, token: str) -> None:
     """Replace path with the token, mode 0600, so that no reader ever sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_private(path, token + "\n")
 
 
 @dataclass

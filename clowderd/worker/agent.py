@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -28,6 +26,7 @@ import grpc
 
 from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from clowderd.errors import ClowderError, NotFound
+from clowderd.files import write_private
 from clowderd.inventory import Inventory
 from clowderd.worker.replicas import Replica, ReplicaManager
 
@@ -72,16 +71,7 @@ class NodeIdentity:
 
     def save(self, path: Path) -> None:
         """Replace the file (mode 0600) so that a crash leaves the old identity or the new one."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(self), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_private(path, json.dumps(asdict(self)))
 
 
 def join_token_reader(token: str | None, path: str | None) -> Callable[[], str]:
