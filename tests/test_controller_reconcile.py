@@ -9,10 +9,10 @@ import pytest
 
 from clowder.v1 import common_pb2, controller_pb2
 from clowderd.controller.cluster import Cluster
-from clowderd.controller.deployments import deployment_message
+from clowderd.controller.deployments import deployment_message, replica_status
 from clowderd.controller.images import ResolvedImage
 from clowderd.controller.reconcile import MAX_FAILURES, Reconciler, restart_delay
-from clowderd.controller.state import ClusterState
+from clowderd.controller.state import ClusterState, NodeRecord, ReplicaRecord
 from tests.test_controller_state import T0, join
 
 IMAGE = ResolvedImage("sha256:" + "a" * 64, "127.0.0.1:7071", {"engine": {"name": "transformers"}},
@@ -104,3 +104,21 @@ def test_a_drained_nodes_replica_is_replaced_before_it_stops_and_the_drain_then_
     assert (node.cordoned, node.draining) == (True, False)
     assert [e.reason for e in db.events()][-2:] == ["ReplicaRemoved", "NodeDrained"]
     assert status(db, "chat").state == controller_pb2.DEPLOYMENT_STATE_READY
+
+
+def test_a_replica_reads_pending_until_placed_scheduled_until_its_node_reports_it_then_as_reported():
+    node = NodeRecord(id="n1", name="w1", roles=["worker"], worker_address="127.0.0.1:1", info=common_pb2.NodeInfo(),
+                      replicas=[], labels={}, cordoned=False, draining=False, state="ready", state_since=0,
+                      joined_at=0, last_heartbeat=0, stored_manifests=[])
+    replica = ReplicaRecord(id="chat-1", deployment="chat", node_id=None,
+                            spec=common_pb2.ReplicaSpec(replica_id="chat-1", generation=1), observed_state="",
+                            observed_message="", observed_generation=0, observed_at=0, memory=0, gpu_memory={},
+                            pending_reason="0/1 nodes can take a replica of 'chat': 1 cordoned", preempted_by="",
+                            failures=0, failed_generation=0, restart_at=0, created_at=0)
+    pending = replica_status(replica, {"n1": node})
+    assert (pending.state, pending.message) == (common_pb2.REPLICA_STATE_PENDING, replica.pending_reason)
+    replica.node_id = "n1"
+    scheduled = replica_status(replica, {"n1": node})
+    assert scheduled.state == common_pb2.REPLICA_STATE_SCHEDULED and scheduled.node_name == "w1"
+    replica.observed_state, replica.observed_generation, replica.observed_message = "LOADING", 1, "loading"
+    assert replica_status(replica, {"n1": node}).state == common_pb2.REPLICA_STATE_LOADING

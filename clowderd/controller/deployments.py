@@ -56,7 +56,7 @@ def replica_status(replica: ReplicaRecord, nodes: dict[str, NodeRecord]) -> comm
         status.state = common_pb2.REPLICA_STATE_FAILED
         status.message = f"failed {replica.failures} time(s), restarting: {replica.observed_message}"
     elif not replica.observed_state or replica.observed_generation != replica.spec.generation:
-        status.state = common_pb2.REPLICA_STATE_PENDING
+        status.state = common_pb2.REPLICA_STATE_SCHEDULED
         status.message = f"placed on node {status.node_name}, which has not started it yet"
     else:
         status.state = common_pb2.ReplicaState.Value("REPLICA_STATE_" + replica.observed_state)
