@@ -1,9 +1,12 @@
 """A benchmark fixture, not a model: an engine that answers at once with the caller's last message, word
 by word, so that what a benchmark measures is Clowder's own path (lb, middleware, worker, engine host).
+With the engine parameter `tokens_per_second` it paces its words as a model decodes, a word a token.
 
 The benchmarks install it as an engine plugin named "echo" (entry point group clowder.engines)."""
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -17,9 +20,11 @@ class EchoEngine(Engine):
     def __init__(self):
         self.adapters: dict[str, Path] = {}
         self.finished = 0
+        self.pace = 0.0  # words a second; 0: all at once
 
     def load(self, model_dir: Path, ep_layers: dict[str, Path], params: dict) -> None:
         self.adapters = dict(ep_layers)
+        self.pace = float(params.get("tokens_per_second", 0))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         request.validate()
@@ -27,7 +32,12 @@ class EchoEngine(Engine):
         words = text.split(" ")
         if request.max_tokens is not None:
             words = words[:request.max_tokens]
+        start = time.perf_counter()
         for i, word in enumerate(words):
+            if self.pace:
+                due = start + i / self.pace - time.perf_counter()
+                if due > 0:
+                    await asyncio.sleep(due)
             yield TextDelta(word if i == 0 else " " + word)
         self.finished += 1
         yield Finished("length" if request.max_tokens == len(words) else "stop",

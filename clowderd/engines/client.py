@@ -41,6 +41,7 @@ from clowderd.engines.registry import check_engine
 log = logging.getLogger(__name__)
 
 STDERR_LINES = 20
+MAX_FRAMES_AT_ONCE = 256  # messages taken off the socket before other tasks get a turn
 
 
 class EngineClient:
@@ -255,15 +256,26 @@ class EngineClient:
 
     async def _read_messages(self) -> None:
         while True:
-            msg = protocol.decode(await self._sock.recv())
-            if msg["type"] == "ready":
-                if not self._ready.done():
-                    self._ready.set_result(msg)
-            elif msg.get("id") is None and msg["type"] == "error":
-                if not self._ready.done():
-                    self._ready.set_exception(protocol.message_error(msg))
-            elif msg["id"] in self._calls:
-                self._calls[msg["id"]].put_nowait(msg)
+            frames = [await self._sock.recv()]
+            # Take what else has arrived before yielding to the loop: a reader that runs next then finds
+            # several messages queued and joins their text (see generate).
+            while len(frames) < MAX_FRAMES_AT_ONCE:
+                try:
+                    frames.append(await self._sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            for frame in frames:
+                self._deliver(protocol.decode(frame))
+
+    def _deliver(self, msg: dict) -> None:
+        if msg["type"] == "ready":
+            if not self._ready.done():
+                self._ready.set_result(msg)
+        elif msg.get("id") is None and msg["type"] == "error":
+            if not self._ready.done():
+                self._ready.set_exception(protocol.message_error(msg))
+        elif msg["id"] in self._calls:
+            self._calls[msg["id"]].put_nowait(msg)
 
     async def _read_stderr(self) -> None:
         async for line in self.proc.stderr:
