@@ -14,9 +14,10 @@ OpenAI-compatible HTTP server. Load comes from Debian's `wrk`.
 (a) one client: p50/p99 of a chat call through the lb (wrk, one connection) against the same call on
     the engine host directly (EngineClient over its local socket): the lb's added latency.
 (b) 64 connections: requests/s through the lb against through LiteLLM.
-(c) one streamed call of 2,000 words: tokens/s through the lb against the engine host directly, from an
-    echo that paces its words at 5,000 tokens/s (faster than any model decodes one stream), and, for
-    the record, from the echo at full speed (as fast as the engine host can send).
+(c) one streamed call: tokens/s through the lb against the engine host directly, from an echo that
+    paces its words at 5,000 tokens/s (faster than any model decodes one stream; 10,000 words, so that
+    the call's fixed costs weigh little), and, for the record, from the echo at full speed (as fast as
+    the engine host can send; 2,000 words).
 (d) 1,000 concurrent streams through the lb, twice: all answered, and the clowderd process's memory
     before, after the first load and after the second (the second must not add to the first).
 """
@@ -56,6 +57,7 @@ KEY = "ck-bench"
 QUESTION = "hello there, how are you today"
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16}
 PACE = 5000.0  # tokens/s of the paced echo
+PACED_WORDS = 10_000
 LITELLM_VENV = Path.home() / ".cache" / "clowder-bench" / "litellm-venv"
 MIDDLEWARE_CONFIG = {
     "security": {"max_input_bytes": 65536, "prompt_injection": {"enabled": True}},
@@ -234,7 +236,7 @@ def main() -> None:
 
     direct = asyncio.run(direct_latency(site, workdir / "model", 5.0))
     direct_tps = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", 2000))
-    direct_paced = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", 2000, PACE))
+    direct_paced = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", PACED_WORDS, PACE))
     proc = start_clowder(workdir / "clowder", site)
     try:
         base = f"http://{proc.config['lb']['http_listen']}/v1"
@@ -242,7 +244,7 @@ def main() -> None:
         one = wrk(f"{base}/chat/completions", CHAT, 1, args.seconds, auth)
         many = wrk(f"{base}/chat/completions", CHAT, 64, args.seconds, auth)
         lb_tps = max(lb_stream_tokens_per_s(base, 2000) for _ in range(3))
-        lb_paced = max(lb_stream_tokens_per_s(base, 2000, "paced") for _ in range(3))
+        lb_paced = max(lb_stream_tokens_per_s(base, PACED_WORDS, "paced") for _ in range(3))
         rss = [psutil.Process(lb_pid).memory_info().rss]
         t0 = time.perf_counter()
         done = asyncio.run(many_streams(base, 1000))
@@ -269,8 +271,9 @@ def main() -> None:
           f"p99 {litellm_one['p99_ms']:.2f} ms")
     print(f"(b) 64 connections: lb {many['rps']:.0f} requests/s (p50 {many['p50_ms']:.1f} ms), LiteLLM "
           f"{litellm_many['rps']:.0f} requests/s (p50 {litellm_many['p50_ms']:.1f} ms)")
-    print(f"(c) one stream of 2,000 words paced at {PACE:.0f} tokens/s: lb {lb_paced:.0f} tokens/s, engine host "
-          f"directly {direct_paced:.0f} tokens/s; at full speed: lb {lb_tps:.0f} tokens/s, directly {direct_tps:.0f}")
+    print(f"(c) one stream of {PACED_WORDS:,} words paced at {PACE:.0f} tokens/s: lb {lb_paced:.0f} tokens/s, engine "
+          f"host directly {direct_paced:.0f} tokens/s; 2,000 words at full speed: lb {lb_tps:.0f} tokens/s, directly "
+          f"{direct_tps:.0f}")
     print(f"(d) 1,000 concurrent streams: {done} ended with [DONE] in {streams_s:.1f} s, then {done_again} of 1,000 "
           f"more; clowderd RSS {rss[0] / mib:.0f} MiB before, {rss[1] / mib:.0f} MiB after the first 1,000, "
           f"{rss[2] / mib:.0f} MiB after the second")
