@@ -45,12 +45,12 @@ from typing import Callable
 
 from clowderd.errors import InvalidInput
 from clowderd.middleware.base import Call, Middleware, Outcome
+from clowderd.middleware.dropped import Dropped
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64  # the `prev` of the first record
 QUEUE_LIMIT = 100_000  # records waiting for the writer; past this, records are dropped (and counted)
-DROP_LOG_INTERVAL_S = 10.0
 TAIL_BLOCK = 64 * 1024
 
 _CLOSE = object()
@@ -204,8 +204,7 @@ class AuditLog:
             raise
         self._queue: queue.Queue = queue.Queue(queue_limit)
         self._broken: str | None = None  # why writing stopped
-        self.dropped = 0
-        self._drop_logged = 0.0
+        self._dropped = Dropped(log, "audit records dropped", path=str(self.path))
         self._thread = threading.Thread(target=self._write_loop, name=f"audit {self.path.name}", daemon=True)
         self._thread.start()
 
@@ -226,13 +225,12 @@ class AuditLog:
         self._thread.join()
         self._file.close()
 
+    @property
+    def dropped(self) -> int:
+        return self._dropped.count
+
     def _drop(self, reason: str) -> None:
-        self.dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged >= DROP_LOG_INTERVAL_S:
-            self._drop_logged = now
-            log.error("audit records dropped", extra={"path": str(self.path), "dropped": self.dropped,
-                                                      "reason": reason})
+        self._dropped.add(reason=reason)
 
     def _write_loop(self) -> None:
         closing = False
@@ -257,7 +255,7 @@ class AuditLog:
                 os.fsync(self._file.fileno())
             except OSError as e:
                 self._broken = f"{self.path}: {e.strerror}"
-                self.dropped += len(lines)
+                self._dropped.count += len(lines)
                 log.error("audit log write failed; no more records are written until clowderd restarts",
                           extra={"path": str(self.path), "error": e.strerror, "records": len(lines)})
 

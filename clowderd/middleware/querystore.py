@@ -37,13 +37,13 @@ from typing import Callable
 
 from clowderd.errors import InvalidInput
 from clowderd.middleware.base import Call, Middleware, Outcome
+from clowderd.middleware.dropped import Dropped
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = ("query", "response", "metadata")
 REDACTED = "[redacted]"
 QUEUE_LIMIT = 10_000  # rows waiting for the writer; past this, rows are dropped (and counted)
-DROP_LOG_INTERVAL_S = 10.0
 PURGE_INTERVAL_S = 3600.0
 BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer of the file
 DAY_S = 86400.0
@@ -118,8 +118,7 @@ class QueryStore:
         self._writer_started = threading.Lock()
         self._queue: queue.Queue = queue.Queue(queue_limit)
         self._writer: threading.Thread | None = None
-        self.dropped = 0
-        self._drop_logged = 0.0
+        self._dropped = Dropped(log, "stored queries dropped", path=str(self.path))
 
     def add(self, make_row: Callable[[], StoredQuery]) -> None:
         """Queue a row; `make_row` runs on the writer thread (so that redaction stays off the event loop)."""
@@ -161,13 +160,12 @@ class QueryStore:
             self._writer.join()
         self._db.close()
 
+    @property
+    def dropped(self) -> int:
+        return self._dropped.count
+
     def _drop(self, reason: str) -> None:
-        self.dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged >= DROP_LOG_INTERVAL_S:
-            self._drop_logged = now
-            log.error("stored queries dropped", extra={"path": str(self.path), "dropped": self.dropped,
-                                                       "reason": reason})
+        self._dropped.add(reason=reason)
 
     def _write_loop(self) -> None:
         next_purge = time.monotonic()
@@ -215,7 +213,7 @@ class QueryStore:
                     raise
                 self._db.execute("COMMIT")
         except sqlite3.Error as e:
-            self.dropped += len(rows)
+            self._dropped.count += len(rows)
             log.error("stored queries not written", extra={"path": str(self.path), "error": str(e),
                                                            "rows": len(rows), "dropped": self.dropped})
 

@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import Callable
 
 from clowderd.errors import InvalidInput
-from clowderd.middleware import (audit, auth, calllog, conversation, filters, prompts, querystore, ratelimit,
-                                 security, webhooks)
+from clowderd.middleware import (
+    audit,
+    auth,
+    calllog,
+    conversation,
+    filters,
+    prompts,
+    querystore,
+    ratelimit,
+    security,
+    webhooks,
+)
 from clowderd.middleware.base import Chain, Middleware
 
 log = logging.getLogger(__name__)

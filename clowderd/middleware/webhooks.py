@@ -48,6 +48,7 @@ import httpx
 from clowderd.errors import InvalidInput
 from clowderd.middleware.audit import rfc3339
 from clowderd.middleware.base import Call, Middleware, Outcome
+from clowderd.middleware.dropped import Dropped
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +61,6 @@ QUEUE_LIMIT = 10_000
 MAX_IN_FLIGHT = 32
 BACKOFF_S = 0.5          # before the first retry; doubled for each one after
 MAX_BACKOFF_S = 30.0
-DROP_LOG_INTERVAL_S = 10.0
 DEFAULT_RETRIES = 3
 DEFAULT_TIMEOUT_S = 10.0
 CLIENT_GONE = 499        # the lb's status for a call whose caller went away
@@ -118,8 +118,7 @@ class WebhookSender:
         self._in_flight: set[asyncio.Task] = set()
         self._runner: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
-        self.dropped = 0
-        self._drop_logged = 0.0
+        self._dropped = Dropped(log, "webhook deliveries dropped: the queue is full", queue_limit=queue_limit)
 
     def submit(self, delivery: Delivery) -> None:
         """Queue a delivery; returns at once. Call it on the lb's event loop."""
@@ -129,7 +128,7 @@ class WebhookSender:
                 "call": delivery.payload["call_id"]})
             return
         if len(self._queue) == self._queue.maxlen:
-            self._count_drop()
+            self._dropped.add()
         self._queue.append(delivery)  # a full deque drops its oldest
         self._ready.set()
         if self._runner is None:
@@ -153,13 +152,9 @@ class WebhookSender:
         await self._client.aclose()
         self._runner = self._client = None
 
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged >= DROP_LOG_INTERVAL_S:
-            self._drop_logged = now
-            log.error("webhook deliveries dropped: the queue is full", extra={
-                "dropped": self.dropped, "queue_limit": self._queue.maxlen})
+    @property
+    def dropped(self) -> int:
+        return self._dropped.count
 
     async def _run(self) -> None:
         while True:
