@@ -61,7 +61,7 @@ class InProcessController:
         self.run(lambda: self.controller.cluster.assign(spec, node_id, time.time()))
 
     def unassign(self, replica_id: str) -> None:
-        self.run(lambda: self.controller.cluster.unassign(replica_id))
+        self.run(lambda: self.controller.cluster.unassign(replica_id, time.time()))
 
     def stop(self) -> None:
         if self.loop.is_closed():

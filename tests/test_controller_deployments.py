@@ -126,8 +126,10 @@ def test_a_rolling_update_keeps_a_replica_ready_and_a_controller_restart_disturb
             break
         time.sleep(0.1)
     assert deployment.status.manifest_digest == v2.digest
-    (second,) = deployment.status.replicas
+    (second,) = [r for r in deployment.status.replicas if r.state != common_pb2.REPLICA_STATE_TERMINATING]
     assert second.replica_id != first.replica_id
+    wait_for("the old replica to go (its node stopped it)",
+             lambda: len(admin.deployment("chat").status.replicas) == 1)
     # The new replica was READY before the old one went (the polls above may see only the end: both
     # images share their base, so the new replica joins the engine host already loaded).
     events = [(e.reason, e.message) for e in admin.stub.ListEvents(controller_pb2.ListEventsRequest(

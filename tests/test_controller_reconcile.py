@@ -1,6 +1,7 @@
 """Reconcile passes on a controller database, with the nodes' reports written as heartbeats would: a failed
 replica is restarted with backoff and the deployment shows FAILED after too many failures in a row; a
-drained node's replica is replaced before it is stopped, and then the drain ends."""
+drained node's replica is replaced before it is stopped, and then the drain ends; a removed replica is
+TERMINATING, unrouted and holding its memory, until its node stops reporting it."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +13,8 @@ from clowderd.controller.cluster import Cluster
 from clowderd.controller.deployments import deployment_message, replica_status
 from clowderd.controller.images import ResolvedImage
 from clowderd.controller.reconcile import MAX_FAILURES, Reconciler, restart_delay
+from clowderd.controller.routes import current_routes
+from clowderd.controller.scheduler import GIB
 from clowderd.controller.state import ClusterState, NodeRecord, ReplicaRecord
 from tests.test_controller_state import T0, join
 
@@ -34,12 +37,13 @@ def reconciler(db):
     return Reconciler(Cluster(db, never), "binpack")
 
 
-def report(db: ClusterState, node_id: str, state: int, now: float, message: str = "") -> None:
-    """A heartbeat of the node with every replica placed on it in `state`."""
-    statuses = [common_pb2.ReplicaStatus(replica_id=r.id, deployment=r.deployment, state=state, message=message,
-                                         observed_generation=r.spec.generation)
-                for r in db.replicas() if r.node_id == node_id]
-    db.record_heartbeat(node_id, INVENTORY, statuses, now)
+def report(db: ClusterState, node_id: str, state: int, now: float, message: str = "",
+           inventory: common_pb2.ResourceInventory = INVENTORY) -> None:
+    """A heartbeat of the node running what it is assigned, every replica in `state`."""
+    statuses = [common_pb2.ReplicaStatus(replica_id=spec.replica_id, deployment=spec.deployment, state=state,
+                                         message=message, observed_generation=spec.generation)
+                for spec in db.assignments(node_id)]
+    db.record_heartbeat(node_id, inventory, statuses, now)
 
 
 def status(db: ClusterState, name: str) -> controller_pb2.DeploymentStatus:
@@ -98,6 +102,9 @@ def test_a_drained_nodes_replica_is_replaced_before_it_stops_and_the_drain_then_
 
     report(db, target, common_pb2.REPLICA_STATE_READY, T0 + 4)
     reconciler.reconcile(T0 + 4)
+    assert db.replica(old.id).terminating and db.node(source).draining  # until the source stops it
+    db.record_heartbeat(source, INVENTORY, [], T0 + 5)
+    reconciler.reconcile(T0 + 5)
     (new,) = db.replicas("chat")
     assert new.node_id == target and new.id != old.id
     node = db.node(source)
@@ -122,3 +129,39 @@ def test_a_replica_reads_pending_until_placed_scheduled_until_its_node_reports_i
     assert scheduled.state == common_pb2.REPLICA_STATE_SCHEDULED and scheduled.node_name == "w1"
     replica.observed_state, replica.observed_generation, replica.observed_message = "LOADING", 1, "loading"
     assert replica_status(replica, {"n1": node}).state == common_pb2.REPLICA_STATE_LOADING
+
+
+def test_a_scaled_down_replica_is_terminating_and_keeps_its_memory_until_its_node_stops_reporting_it(db, reconciler):
+    w1 = join(db, "w1")
+    room_for_two = common_pb2.ResourceInventory(cpu_count=8, memory_total=int(2.5 * GIB))
+    db.record_heartbeat(w1, room_for_two, [], T0)
+    spec = controller_pb2.DeploymentSpec(image="chat:v1", replicas=2)
+    chat = db.create_deployment("chat", spec, {}, IMAGE, T0)
+    reconciler.reconcile(T0)
+    report(db, w1, common_pb2.REPLICA_STATE_READY, T0 + 1, inventory=room_for_two)
+    spec.replicas = 1
+    db.update_deployment("chat", spec, {}, IMAGE, chat.etag, "DeploymentScaled", "2 -> 1", T0 + 2)
+    reconciler.reconcile(T0 + 2)
+    gone, kept = sorted(db.replicas("chat"), key=lambda r: not r.terminating)
+    assert gone.terminating and not kept.terminating
+    shown = status(db, "chat")
+    assert (shown.state, shown.ready_replicas) == (controller_pb2.DEPLOYMENT_STATE_READY, 1)
+    terminating = next(r for r in shown.replicas if r.replica_id == gone.id)
+    assert (terminating.state, terminating.message, terminating.node_name) == (
+        common_pb2.REPLICA_STATE_TERMINATING, "the deployment is scaled to 1", "w1")
+    assert [s.replica_id for s in db.assignments(w1)] == [kept.id]
+    assert [e.replica_id for e in current_routes(db)["chat"].endpoints] == [kept.id]
+
+    db.create_deployment("other", controller_pb2.DeploymentSpec(image="other:v1", replicas=1), {}, IMAGE, T0 + 3)
+    reconciler.reconcile(T0 + 3)
+    (other,) = db.replicas("other")
+    assert other.node_id is None and "short of memory" in other.pending_reason  # gone's memory is still claimed
+
+    still = common_pb2.ReplicaStatus(replica_id=gone.id, deployment="chat", state=common_pb2.REPLICA_STATE_DRAINING)
+    db.record_heartbeat(w1, room_for_two, [still], T0 + 4)
+    assert db.replica(gone.id).terminating
+    db.record_heartbeat(w1, room_for_two, [], T0 + 5)
+    assert [r.id for r in db.replicas("chat")] == [kept.id]
+    reconciler.reconcile(T0 + 5)
+    assert db.replica(other.id).node_id == w1
+    assert [e.reason for e in db.events(object_name="chat")].count("ReplicaRemoved") == 1

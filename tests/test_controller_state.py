@@ -176,9 +176,9 @@ def test_assignments_follow_the_replicas_placed_on_each_node(db):
     assert (observed.observed_state, observed.observed_message, observed.observed_at) == ("FAILED", "boom", T0 + 2)
     assert db.assign(spec, w2, T0 + 3) == w1
     assert db.assignments(w1) == [] and db.assignments(w2) == [spec]
-    assert db.unassign("d-1") == w2 and db.assignments(w2) == []
+    assert db.unassign("d-1", T0 + 4) == w2 and db.assignments(w2) == []
     with pytest.raises(NotFound):
-        db.unassign("d-1")
+        db.unassign("d-1", T0 + 5)
     with pytest.raises(NotFound):
         db.assign(spec, "node-unknown", T0)
 

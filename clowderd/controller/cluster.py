@@ -86,9 +86,9 @@ class Cluster:
         if previous is not None and previous != node_id:
             self.changes.publish(assignments_key(previous))
 
-    async def unassign(self, replica_id: str) -> None:
+    async def unassign(self, replica_id: str, now: float) -> None:
         """Remove a replica (see ClusterState.unassign); the node it was on is told."""
-        node_id = await self.call(self.state.unassign, replica_id)
+        node_id = await self.call(self.state.unassign, replica_id, now)
         if node_id is not None:
             self.changes.publish(assignments_key(node_id))
 

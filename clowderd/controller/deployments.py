@@ -42,8 +42,8 @@ def check_deployment(deployment: controller_pb2.Deployment) -> None:
 
 
 def replica_status(replica: ReplicaRecord, nodes: dict[str, NodeRecord]) -> common_pb2.ReplicaStatus:
-    """The replica as the controller sees it: unplaced (why), placed and not started yet, or as its node
-    last reported it."""
+    """The replica as the controller sees it: unplaced (why), placed and not started yet, removed and still
+    run by its node (why), or as its node last reported it."""
     status = common_pb2.ReplicaStatus(replica_id=replica.id, deployment=replica.deployment,
                                       observed_generation=replica.observed_generation)
     if replica.node_id is None:
@@ -52,6 +52,10 @@ def replica_status(replica: ReplicaRecord, nodes: dict[str, NodeRecord]) -> comm
         status.state, status.message = common_pb2.REPLICA_STATE_PENDING, "; ".join(filter(None, why))
         return status
     status.node_name = nodes[replica.node_id].name
+    if replica.terminating:
+        status.state, status.message = common_pb2.REPLICA_STATE_TERMINATING, replica.terminating_reason
+        status.state_since.CopyFrom(timestamp(replica.terminating_since))
+        return status
     if replica.restart_at:
         status.state = common_pb2.REPLICA_STATE_FAILED
         status.message = f"failed {replica.failures} time(s), restarting: {replica.observed_message}"
@@ -69,7 +73,8 @@ def replica_status(replica: ReplicaRecord, nodes: dict[str, NodeRecord]) -> comm
 def deployment_message(record: DeploymentRecord, replicas: list[ReplicaRecord],
                        nodes: dict[str, NodeRecord]) -> controller_pb2.Deployment:
     template = replica_template(record, requirements(record.name, record.spec, record.image))
-    current = [r for r in replicas if is_current(r, template, nodes)]
+    live = [r for r in replicas if not r.terminating]
+    current = [r for r in live if is_current(r, template, nodes)]
     ready = sum(r.ready for r in current)
     desired = record.spec.replicas
     failed = next((r for r in current if r.failures >= MAX_FAILURES and not r.restart_at), None)
@@ -79,10 +84,10 @@ def deployment_message(record: DeploymentRecord, replicas: list[ReplicaRecord],
                                                     f"{failed.observed_message}")
     elif unplaced is not None:
         state, message = S.DEPLOYMENT_STATE_UNSCHEDULABLE, unplaced.pending_reason
-    elif ready == desired and len(current) == len(replicas):
+    elif ready == desired and len(current) == len(live):
         state, message = S.DEPLOYMENT_STATE_READY, ""
     else:
-        replacing = len(replicas) - len(current)
+        replacing = len(live) - len(current)
         state = S.DEPLOYMENT_STATE_PROGRESSING
         message = f"{ready}/{desired} replicas ready" + (f", {replacing} being replaced" if replacing else "")
     status = controller_pb2.DeploymentStatus(

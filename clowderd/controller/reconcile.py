@@ -2,9 +2,10 @@
 
 One pass, on the state's thread (so that nothing changes under it), in this order:
 
-1. Replicas of deployments that are gone, and replicas on a node that is not ready (unreachable), are
-   removed; new ones, with new ids, take the place of the latter in step 3. If the node comes back,
-   its assignment snapshot no longer has them: it stops them.
+1. Replicas on a node that is not ready (unreachable) are removed; new ones, with new ids, take their
+   place in step 3. If the node comes back, its assignment snapshot no longer has them: it stops them.
+   A removed replica on a ready node is TERMINATING until the node stops reporting it: it counts
+   for nothing here but its claim on the node's memory (and a drain is over only once it is gone).
 2. Per deployment, a replica is current when its spec is what the deployment asks for now (image,
    placement, sources) and its node is not draining; the others are outdated. A current replica
    that FAILED is restarted where it is, as a new generation, after a backoff (1 s, doubling, at
@@ -111,12 +112,11 @@ class Reconciler:
         needs = {name: requirements(name, d.spec, d.image) for name, d in deployments.items()}
         for replica in self.state.replicas():
             node = nodes.get(replica.node_id) if replica.node_id else None
-            if replica.deployment not in deployments:
-                self._remove(replica, "its deployment is gone", now, out)
-            elif node is not None and node.state != READY:
+            if not replica.terminating and node is not None and node.state != READY:
                 self._remove(replica, f"node {node.name} is {node.state}; a new replica takes its place", now, out)
         for name, deployment in deployments.items():
-            self._converge(deployment, needs[name], self.state.replicas(name), nodes, now, out)
+            replicas = [r for r in self.state.replicas(name) if not r.terminating]
+            self._converge(deployment, needs[name], replicas, nodes, now, out)
         placed_on = {r.node_id for r in self.state.replicas() if r.node_id}
         for node in nodes.values():
             if node.draining and node.id not in placed_on:
@@ -196,8 +196,8 @@ class Reconciler:
         """The scheduler's nodes and the claims of the placed replicas."""
         layers_of = {d.image.manifest_digest: {digest for digest, _ in d.image.layers} for d in deployments.values()}
         candidates = [scheduler_node(node, layers_of) for node in nodes.values()]
-        claims = [self._claim(r, nodes[r.node_id].name, needs[r.deployment]) for r in replicas
-                  if r.node_id and r.deployment in needs]
+        claims = [self._claim(r, nodes[r.node_id].name, needs.get(r.deployment)) for r in replicas
+                  if r.node_id and (r.terminating or r.deployment in needs)]
         return candidates, claims
 
     def _place(self, deployments: dict[str, DeploymentRecord], needs: dict[str, Requirements],
@@ -236,7 +236,10 @@ class Reconciler:
                                               "evicted": [v.replica_id for v in placement.evict]})
 
     @staticmethod
-    def _claim(replica: ReplicaRecord, node_name: str, needs: Requirements) -> Claim:
-        return Claim(replica_id=replica.id, deployment=replica.deployment, node=node_name,
-                     gpu_memory=dict(replica.gpu_memory), memory=replica.memory, priority=needs.priority,
-                     preemptible=needs.preemptible, must_stay=needs.must_stay)
+    def _claim(replica: ReplicaRecord, node_name: str, needs: Requirements | None) -> Claim:
+        """The replica's claim; a terminating one (needs None once its deployment is gone) cannot be evicted."""
+        claim = Claim(replica_id=replica.id, deployment=replica.deployment, node=node_name,
+                      gpu_memory=dict(replica.gpu_memory), memory=replica.memory, preemptible=False, must_stay=True)
+        if not replica.terminating:
+            claim.priority, claim.preemptible, claim.must_stay = needs.priority, needs.preemptible, needs.must_stay
+        return claim

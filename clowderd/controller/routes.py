@@ -1,6 +1,6 @@
 """The routing table that load balancers follow (Membership.WatchRoutes): one route per deployment, its
-endpoints the placed replicas on ready nodes with their state (the lb sends calls to the READY ones),
-the worker address of their node, and the aimage's configuration.
+endpoints the placed replicas on ready nodes that are not terminating, with their state (the lb sends
+calls to the READY ones), the worker address of their node, and the aimage's configuration.
 
 A watch gets a snapshot, then a PUT of every route that changed and a DELETE of every route that went,
 whenever DEPLOYMENTS moves. Revisions come from one counter per controller that starts at the clock
@@ -29,7 +29,7 @@ def current_routes(state: ClusterState) -> dict[str, controller_pb2.Route]:
         endpoints = []
         for replica in replicas:
             node = nodes.get(replica.node_id) if replica.node_id else None
-            if replica.deployment != deployment.name or node is None or node.state != READY:
+            if replica.deployment != deployment.name or node is None or node.state != READY or replica.terminating:
                 continue
             endpoints.append(controller_pb2.Endpoint(replica_id=replica.id, node_name=node.name,
                                                      worker_address=node.worker_address,

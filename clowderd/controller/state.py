@@ -6,7 +6,8 @@
 - events: append-only, the newest EVENTS_KEPT kept;
 - deployments and replicas: what users asked for, and the replicas placed on nodes with what the
   nodes report back about each. Placing is the scheduler's; `assign`/`unassign` are its writes and
-  `assignments` is what a node is told to run.
+  `assignments` is what a node is told to run. A replica removed from a node is terminating until the
+  node no longer reports it (or is unreachable): its row, and the memory it claims, stay until then.
 
 ClusterState is synchronous and not thread-safe: one connection, each method one short
 transaction. The controller calls it from one thread (see cluster.py); tests call it directly.
@@ -100,6 +101,9 @@ ALTER TABLE replicas ADD COLUMN preempted_by TEXT NOT NULL DEFAULT '';   -- what
 ALTER TABLE replicas ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;     -- failed starts in a row
 ALTER TABLE replicas ADD COLUMN failed_generation INTEGER NOT NULL DEFAULT 0;  -- the last one counted
 ALTER TABLE replicas ADD COLUMN restart_at REAL NOT NULL DEFAULT 0;      -- 0: no restart due
+""", """
+ALTER TABLE replicas ADD COLUMN terminating_since REAL NOT NULL DEFAULT 0;  -- removed, its node still runs it
+ALTER TABLE replicas ADD COLUMN terminating_reason TEXT NOT NULL DEFAULT '';
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -156,11 +160,17 @@ class ReplicaRecord:
     failed_generation: int
     restart_at: float
     created_at: float
+    terminating_since: float = 0.0  # 0: not removed
+    terminating_reason: str = ""
+
+    @property
+    def terminating(self) -> bool:
+        return bool(self.terminating_since)
 
     @property
     def ready(self) -> bool:
         return self.node_id is not None and self.observed_state == "READY" \
-            and self.observed_generation == self.spec.generation
+            and self.observed_generation == self.spec.generation and not self.terminating
 
 
 @dataclass
@@ -370,6 +380,9 @@ class ClusterState:
                                 old["deployment"], f"replica {status.replica_id} is {state} on node {row['name']}"
                                 + (f": {status.message}" if status.message else ""), now, row["name"])
             news |= len(before) != len(reported)
+            gone = db.execute(f"DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0 AND id NOT IN "
+                              f"({','.join('?' * len(replicas))})", (node_id, *(r.replica_id for r in replicas)))
+            news |= gone.rowcount > 0
             if row["state"] != READY:
                 self._set_ready(node_id, row["name"], now)
                 news = True
@@ -382,6 +395,7 @@ class ClusterState:
                               (READY, silent_since)).fetchall()
             for row in rows:
                 db.execute("UPDATE nodes SET state = ?, state_since = ? WHERE id = ?", (UNREACHABLE, now, row["id"]))
+                db.execute("DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0", (row["id"],))
                 self._event(WARNING, "NodeUnreachable", "Node", row["name"],
                             f"node {row['name']} sent no heartbeat for {now - row['last_heartbeat']:.1f}s "
                             f"(grace {grace:g}s)", now, row["name"])
@@ -496,17 +510,17 @@ class ClusterState:
         return self.deployment(name)
 
     def delete_deployment(self, name: str, etag: str, now: float) -> list[str]:
-        """Remove the deployment and its replicas; the nodes they were on (to be told)."""
+        """Remove the deployment; its replicas terminate (see _terminate). The nodes they were on (to be told)."""
         with self._write() as db:
             current = self.deployment(name)
             if etag and etag != current.etag:
                 raise Conflict(f"deployment {name!r} changed since etag {etag!r} (now {current.etag!r})")
-            nodes = [r[0] for r in db.execute("SELECT DISTINCT node_id FROM replicas WHERE deployment = ? "
-                                              "AND node_id IS NOT NULL", (name,))]
-            db.execute("DELETE FROM replicas WHERE deployment = ?", (name,))
+            live = db.execute("SELECT id FROM replicas WHERE deployment = ? AND terminating_since = 0",
+                              (name,)).fetchall()
+            nodes = {self._terminate(replica_id, "its deployment is deleted", now) for (replica_id,) in live}
             db.execute("DELETE FROM deployments WHERE name = ?", (name,))
             self._event(NORMAL, "DeploymentDeleted", "Deployment", name, f"deployment {name} deleted", now)
-        return nodes
+        return sorted(nodes - {None})
 
     def deployment_absent(self, name: str) -> None:
         """AlreadyExists when a deployment has the name."""
@@ -543,22 +557,34 @@ class ClusterState:
             row = db.execute("SELECT node_id FROM replicas WHERE id = ?", (spec.replica_id,)).fetchone()
             db.execute("INSERT INTO replicas (id, deployment, node_id, spec, created_at) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT (id) DO UPDATE SET deployment = excluded.deployment, node_id = excluded.node_id, "
-                       "spec = excluded.spec",
+                       "spec = excluded.spec, terminating_since = 0, terminating_reason = ''",
                        (spec.replica_id, spec.deployment, node_id, _to_json(spec), now))
         return None if row is None else row[0]
 
-    def unassign(self, replica_id: str) -> str | None:
+    def unassign(self, replica_id: str, now: float) -> str | None:
         """Remove a replica; the node it was on (None when it was on none) stops it."""
-        with self._write() as db:
-            row = db.execute("SELECT node_id FROM replicas WHERE id = ?", (replica_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no replica {replica_id!r}")
-            db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
-        return row[0]
+        with self._write():
+            return self._terminate(replica_id, "unassigned", now)
+
+    def _terminate(self, replica_id: str, why: str, now: float) -> str | None:
+        """A replica on a ready node is terminating until the node stops reporting it; any other is deleted.
+        The node it was on. NotFound when there is no such replica or it is already terminating."""
+        row = self._conn.execute("SELECT replicas.node_id, nodes.state FROM replicas LEFT JOIN nodes "
+                                 "ON nodes.id = replicas.node_id WHERE replicas.id = ? AND terminating_since = 0",
+                                 (replica_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no replica {replica_id!r}")
+        if row["state"] == READY:
+            self._conn.execute("UPDATE replicas SET terminating_since = ?, terminating_reason = ? WHERE id = ?",
+                               (now, why, replica_id))
+        else:
+            self._conn.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+        return row["node_id"]
 
     def assignments(self, node_id: str) -> list[common_pb2.ReplicaSpec]:
         """What the node must run."""
-        rows = self._conn.execute("SELECT spec FROM replicas WHERE node_id = ? ORDER BY id", (node_id,))
+        rows = self._conn.execute("SELECT spec FROM replicas WHERE node_id = ? AND terminating_since = 0 ORDER BY id",
+                                  (node_id,))
         return [_from_json(row[0], common_pb2.ReplicaSpec) for row in rows]
 
     def replica(self, replica_id: str) -> ReplicaRecord:
@@ -582,7 +608,8 @@ class ClusterState:
             observed_message=row["observed_message"], observed_generation=row["observed_generation"],
             observed_at=row["observed_at"], memory=row["memory"], gpu_memory=json.loads(row["gpu_memory"]),
             pending_reason=row["pending_reason"], preempted_by=row["preempted_by"], failures=row["failures"],
-            failed_generation=row["failed_generation"], restart_at=row["restart_at"], created_at=row["created_at"])
+            failed_generation=row["failed_generation"], restart_at=row["restart_at"], created_at=row["created_at"],
+            terminating_since=row["terminating_since"], terminating_reason=row["terminating_reason"])
 
     def add_replica(self, spec: common_pb2.ReplicaSpec, now: float) -> None:
         """A new replica, not placed yet."""
@@ -652,10 +679,10 @@ class ClusterState:
             db.execute("UPDATE replicas SET failures = 0 WHERE id = ?", (replica_id,))
 
     def remove_replica(self, replica_id: str, why: str, now: float) -> str | None:
-        """Remove a replica, saying why in an event; the node it was on, if any."""
-        with self._write() as db:
+        """Remove a replica (see _terminate), saying why in an event; the node it was on, if any."""
+        with self._write():
             replica = self.replica(replica_id)
-            db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+            node_id = self._terminate(replica_id, why, now)
             self._event(NORMAL, "ReplicaRemoved", "Deployment", replica.deployment, f"replica {replica_id}: {why}",
                         now)
-        return replica.node_id
+        return node_id
