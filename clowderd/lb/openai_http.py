@@ -162,7 +162,6 @@ class _Encoding:
         self.texts = [""] * n
         self.finish = [None] * n
         self.usage: Usage | None = None
-        self.started = [False] * n
 
     def head(self) -> dict:
         return {"id": self.call.id, "created": self.call.created, "model": self.call.model,
@@ -191,6 +190,10 @@ class _Encoding:
 class ChatEncoding(_Encoding):
     object_whole = "chat.completion"
     object_chunk = "chat.completion.chunk"
+
+    def __init__(self, call: Call, route):
+        super().__init__(call, route)
+        self.started = [False] * len(self.texts)  # the first chunk of a choice carries its role
 
     def whole(self) -> dict:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,

@@ -212,12 +212,12 @@ class AuditLog:
         """Queue a record; `make_fields` runs on the writer thread (so that hashing texts stays off the
         event loop) and returns the record's fields, less seq, prev and hash."""
         if self._broken is not None:
-            self._drop(f"writing stopped: {self._broken}")
+            self._dropped.add(reason=f"writing stopped: {self._broken}")
             return
         try:
             self._queue.put_nowait(make_fields)
         except queue.Full:
-            self._drop(f"{self._queue.maxsize} records are waiting for the disk")
+            self._dropped.add(reason=f"{self._queue.maxsize} records are waiting for the disk")
 
     def close(self) -> None:
         """Write what is queued, then close the file."""
@@ -228,9 +228,6 @@ class AuditLog:
     @property
     def dropped(self) -> int:
         return self._dropped.count
-
-    def _drop(self, reason: str) -> None:
-        self._dropped.add(reason=reason)
 
     def _write_loop(self) -> None:
         closing = False
@@ -245,7 +242,7 @@ class AuditLog:
             lines = [line for make in batch if make is not _CLOSE and (line := self._record(make)) is not None]
             if self._broken is not None:
                 for _ in lines:
-                    self._drop(f"writing stopped: {self._broken}")
+                    self._dropped.add(reason=f"writing stopped: {self._broken}")
                 continue
             if not lines:
                 continue

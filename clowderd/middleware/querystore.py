@@ -130,7 +130,7 @@ class QueryStore:
         try:
             self._queue.put_nowait(make_row)
         except queue.Full:
-            self._drop(f"{self._queue.maxsize} rows are waiting for the database")
+            self._dropped.add(reason=f"{self._queue.maxsize} rows are waiting for the database")
 
     def find(self, deployment: str | None = None, since: float | None = None, until: float | None = None,
              limit: int = 100) -> list[StoredQuery]:
@@ -163,9 +163,6 @@ class QueryStore:
     @property
     def dropped(self) -> int:
         return self._dropped.count
-
-    def _drop(self, reason: str) -> None:
-        self._dropped.add(reason=reason)
 
     def _write_loop(self) -> None:
         next_purge = time.monotonic()

@@ -121,10 +121,9 @@ def load_plugin(name: str) -> Factory:
 class ChainBuilder:
     """Builds, and keeps, each deployment's chain; a new aimage (manifest digest) gets a new one."""
 
-    def __init__(self, policy: LbPolicy, shared: Shared, builtins: list[tuple[str, Factory]] | None = None):
+    def __init__(self, policy: LbPolicy, shared: Shared):
         self.policy = policy
         self.shared = shared
-        self.builtins = BUILTINS if builtins is None else builtins
         self.plugins = {name: load_plugin(name) for name in policy.middleware}
         self._chains: dict[tuple[str, str], Chain] = {}
 
@@ -143,7 +142,7 @@ class ChainBuilder:
                 self.plugins[name] = load_plugin(name)
         names = list(dict.fromkeys([*self.policy.middleware, *deployment_middleware]))
         made = []
-        for name, factory in [(n, self.plugins[n]) for n in names] + self.builtins:
+        for name, factory in [(n, self.plugins[n]) for n in names] + BUILTINS:
             middleware = factory(config, self.policy, self.shared)
             if middleware is not None:
                 made.append(middleware)
