@@ -47,6 +47,9 @@ def ingest(
 ) -> tuple[bytes, list[Chunk]]:
     """One pass over the whole of src_fd (offset 0 to its size at the call): copy it to dst_fd
     (from dst_fd's offset 0; -1 means no copy), compute its sha256 and cut and hash its chunks as
-    chunk() would. Returns (32-byte sha256 digest, chunks). Written data is pushed to disk as it
-    goes (sync_file_range); the caller still fsyncs dst_fd before relying on it.
+    chunk() would, on `threads` chunker threads (0: one per online CPU but the one sha256 keeps).
+    Returns (32-byte sha256 digest, chunks). Where dst_fd's filesystem takes direct I/O the copy is
+    O_DIRECT writes from the source's page cache (dst_fd's flags are restored after); elsewhere
+    written data is pushed to disk as it goes (sync_file_range). Either way the caller still fsyncs
+    dst_fd before relying on it.
     Raises OSError (with errno, e.g. ENOSPC) on I/O failure and ValueError as chunk() does."""

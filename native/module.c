@@ -172,8 +172,12 @@ static PyObject *py_ingest(PyObject *self, PyObject *args, PyObject *kw)
     cdc_params p;
     uint64_t *cuts;
     size_t ncuts;
+    int chunk_threads_default = threads == 0;
     if (read_params(min, avg, max, &threads, &p) < 0 || read_cuts(cuts_obj, &cuts, &ncuts) < 0)
         return NULL;
+    /* sha256 is serial and the longest job: by default it keeps a CPU to itself. */
+    if (chunk_threads_default && threads > 1)
+        threads--;
     ingest_src src;
     int e;
     Py_BEGIN_ALLOW_THREADS

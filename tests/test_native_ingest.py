@@ -1,5 +1,6 @@
 """clowderd._native.ingest: one pass that copies, sha256s and chunks a file."""
 import errno
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -46,6 +47,34 @@ def test_ingest_copies_bytes_and_matches_hashlib_and_chunk(tmp_path, make_src, t
     assert copy == data
     assert sha == hashlib.sha256(data).digest()
     assert chunks == _native.chunk(data, cuts, threads=1)
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 8 << 20, (8 << 20) + 1, (16 << 20) + 4095])
+def test_ingest_direct_copy_is_exact_at_every_block_alignment(tmp_path, make_src, size):
+    # On a filesystem that takes O_DIRECT the copy is aligned direct writes plus a padded tail block
+    # that ftruncate trims; any other size or byte would show here.
+    data = os.urandom(size)
+    dst = tmp_path / "dst"
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        sha, chunks = _native.ingest(make_src(data), fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    finally:
+        os.close(fd)
+    assert dst.read_bytes() == data
+    assert sha == hashlib.sha256(data).digest()
+    assert chunks == _native.chunk(data)
+    assert not flags & os.O_DIRECT, "the caller's descriptor is left as it was given"
+
+
+def test_ingest_copies_with_plain_writes_where_direct_io_is_refused(make_src):
+    # /dev/null refuses O_DIRECT, so this takes the pwrite path; the result must not change.
+    data = bf16_like(3 << 20) + b"tail"
+    null = os.open("/dev/null", os.O_WRONLY)
+    try:
+        assert _native.ingest(make_src(data), null) == (hashlib.sha256(data).digest(), _native.chunk(data))
+    finally:
+        os.close(null)
 
 
 def test_ingest_without_copy(make_src):
