@@ -1,8 +1,10 @@
 """Distribution commands: login, logout, push, pull.
 
-Remote references: `HOST[:PORT]/repo[:tag]` for an OCI registry (plain HTTP for loopback hosts
-or with --insecure), `clowder://HOST:PORT/repo[:tag]` for a Clowder storage node's gRPC address
-(chunk-aware: only the chunks this node lacks cross the network).
+Remote references: `HOST[:PORT]/repo[:tag]` for an OCI registry (HTTPS; a loopback host gets
+plain HTTP unless it answers TLS; --insecure forces plain HTTP), `clowder://HOST:PORT/repo[:tag]`
+for a Clowder storage node's gRPC address (chunk-aware: only the chunks this node lacks cross the
+network). A registry whose certificate comes from a private CA is trusted through SSL_CERT_FILE
+(a PEM bundle holding that CA).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from clowderd.distribution.refs import parse_remote
 from clowderd.errors import InvalidInput
 
 insecure_option = click.option("--insecure", is_flag=True,
-                               help="Use plain HTTP (always the case for loopback registries).")
+                               help="Use plain HTTP (also the case for a loopback registry that does not answer TLS).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the digest.")
 
 

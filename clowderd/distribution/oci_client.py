@@ -5,6 +5,11 @@ credentials, or Bearer (GET the realm with service and scope, with Basic credent
 use the token returned). Blobs are streamed from and to files, never held whole in memory:
 uploads are monolithic up to MONOLITHIC_MAX and chunked (PATCH with Content-Range) above;
 downloads resume a partial file with a ranged GET.
+
+TLS: HTTPS, verified against certifi's CAs, or against the bundle SSL_CERT_FILE (or the directory
+SSL_CERT_DIR) names, for a registry with a private CA. A loopback registry is reached over HTTPS
+when it answers a TLS handshake and over plain HTTP otherwise (Docker's rule for localhost, but a
+certificate that does not verify is still an error); `insecure` means plain HTTP.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import base64
 import hashlib
 import os
 import re
+import socket
+import ssl
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -34,6 +41,40 @@ UPLOAD_CHUNK = 64 << 20
 IO_BLOCK = 1 << 20
 
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+TLS_PROBE_TIMEOUT = 3.0
+
+
+def _host_port(registry: str, default: int) -> tuple[str, int]:
+    if registry.startswith("["):  # [v6]:port
+        host, _, rest = registry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    host, _, port = registry.partition(":")
+    return host, int(port) if port else default
+
+
+def speaks_tls(registry: str, timeout: float = TLS_PROBE_TIMEOUT) -> bool:
+    """Whether the server at registry (HOST[:PORT], default port 443) completes a TLS handshake.
+    Nothing is verified here: it only picks the scheme, and the requests that follow verify."""
+    host, port = _host_port(registry, 443)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=host):
+            return True
+    except (OSError, ValueError):  # a plain HTTP answer, refused, reset, silent: not TLS
+        return False
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _file_body(f: BinaryIO, offset: int, length: int, advance: Callable[[int], None]) -> Iterator[bytes]:
@@ -51,14 +92,35 @@ def _file_body(f: BinaryIO, offset: int, length: int, advance: Callable[[int], N
 class OciClient:
     def __init__(self, registry: str, *, insecure: bool = False, credentials: tuple[str, str] | None = None):
         self.registry = registry
-        scheme = "http" if insecure or is_loopback(registry) else "https"
-        self.base = f"{scheme}://{registry}"
+        self._insecure = insecure
+        self._base: str | None = None
         self.credentials = credentials
         self.http = httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True)
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
 
+    @property
+    def base(self) -> str:
+        """scheme://registry, the scheme picked on first use (see the module docstring)."""
+        if self._base is None:
+            if self._insecure:
+                scheme = "http"
+            elif is_loopback(self.registry):
+                scheme = "https" if speaks_tls(self.registry) else "http"
+            else:
+                scheme = "https"
+            self._base = f"{scheme}://{self.registry}"
+        return self._base
+
     def close(self) -> None:
         self.http.close()
+
+    def _transport_error(self, method: str, url: str, exc: httpx.HTTPError) -> TransferError:
+        cert = _certificate_error(exc)
+        if cert is not None:
+            return TransferError(
+                f"{self.registry}: the TLS certificate is not trusted ({cert.verify_message or cert.reason}); "
+                "if the registry uses a private CA, point SSL_CERT_FILE at a PEM bundle that holds it")
+        return TransferError(f"{method} {url}: {exc}")
 
     # -- requests and auth ---------------------------------------------------------------------
     def _request(self, method: str, url: str, scope: str, *, ok=(200,), headers=None, replayable=True,
@@ -71,12 +133,15 @@ class OciClient:
             try:
                 r = self.http.request(method, url, headers=headers, **kw)
             except httpx.HTTPError as exc:
-                raise TransferError(f"{method} {url}: {exc}") from None
+                raise self._transport_error(method, url, exc) from None
             if r.status_code == 401 and attempt == 0 and replayable:
                 self._authenticate(r, scope)
                 continue
             break
         if r.status_code == 401:
+            if self.credentials and headers.get("Authorization", "").startswith("Basic "):
+                raise AuthError(f"{self.registry} refused the credentials of user {self.credentials[0]!r} "
+                                f"({self._why(r)}); check them with 'clowderctl login {self.registry}'")
             raise AuthError(f"{self.registry}: {self._why(r)}; log in with 'clowderctl login {self.registry}'")
         if r.status_code not in ok:
             raise self._error(method, url, r)
@@ -87,7 +152,7 @@ class OciClient:
             errors = r.json().get("errors") or []
             return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors) or r.reason_phrase
         except ValueError:
-            return f"{r.status_code} {r.reason_phrase}"
+            return r.reason_phrase
 
     def _error(self, method: str, url: str, r: httpx.Response) -> Exception:
         msg = f"{method} {url}: {r.status_code} {self._why(r)}"
