@@ -241,9 +241,11 @@ def test_the_store_takes_an_assembled_file_only_with_its_digest_and_a_chunk_list
 
 
 def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_ones(tmp_path):
+    import hashlib
     from types import SimpleNamespace
 
     from clowderd import _native as native
+    from clowderd.distribution.assembly import WindowAssembly
     from clowderd.distribution.chunk_client import _BlobAssembly, _RateLimit
     from clowderd.distribution.progress import Progress
 
@@ -253,14 +255,18 @@ def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_on
     for piece in layout:
         chunks.append((off, len(piece), native.blake3(piece)))
         off += len(piece)
-    fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT)
+    path = tmp_path / "part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
     os.ftruncate(fd, off)
-    part = SimpleNamespace(fd=fd, done=bytearray(len(chunks)))
-    asm = _BlobAssembly(part, chunks, Progress(), "k", _RateLimit(None))
+    done = bytearray(len(chunks))
+    sink = WindowAssembly(fd, path, off, chunks, done)
+    asm = _BlobAssembly(SimpleNamespace(done=done), chunks, sink, Progress(), "k", _RateLimit(None))
     ids = [native.blake3(p) for p in (a, b, c)]
     bad = asm.put_batch(b"".join(ids), [len(a), len(b), len(c)], a + b[:-1] + b"x" + c)
-    assert bad == [ids[1]] and part.done == bytearray([1, 0, 1, 1, 0])
-    assert asm.put_batch(ids[1], [len(b)], b) == [] and all(part.done)
+    assert bad == [ids[1]] and list(asm.positions) == [ids[1]]
+    assert asm.put_batch(ids[1], [len(b)], b) == [] and not asm.positions
+    assert sink.finish() == hashlib.sha256(b"".join(layout)).digest()
+    assert all(done)
     assert os.pread(fd, off, 0) == b"".join(layout)
     assert asm.stats.fetched_bytes == len(a) + len(c) + len(b) and asm.stats.local_bytes == len(a) + len(b)
     os.close(fd)

@@ -7,18 +7,15 @@ every chunk's BLAKE3 as it arrives (a bad one is asked again, up to MAX_TRIES), 
 into the store with the source's chunk index once its sha256 is checked.
 
 Fetches ask for packed batches: a message's chunks arrive as one contiguous run of bytes, which is
-taken as a slice of the received message (no protobuf copy), verified by one BLAKE3 call for the
-whole message and written with one pwrite per run of chunks that lie next to each other in the
-blob. The sha256 is computed while the chunks arrive, by a thread that hashes the completed,
-in-order prefix of the partial file as it grows (read back from the file: the exact bytes that
-are committed), so at the end only the tail is left to hash; the store then takes the file with
-that hash and the verified chunk list (ContentStore.ingest_assembled_file) instead of reading it
-all again.
+taken as a slice of the received message (no protobuf copy) and verified by one BLAKE3 call for
+the whole message. Verified chunks go to a WindowAssembly (assembly.py), which hashes the blob in
+order as its windows fill and writes each window whole with direct I/O; the store then takes the
+file with that sha256 and the verified chunk list (ContentStore.ingest_assembled_file) instead of
+reading it all again.
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import contextlib
 import queue
 import struct
 import threading
@@ -30,6 +27,7 @@ import grpc
 
 from clowder.v1 import registry_pb2, registry_pb2_grpc
 from clowderd import _native as native
+from clowderd.distribution.assembly import WindowAssembly
 from clowderd.distribution.errors import TransferError
 from clowderd.distribution.partial import PartialBlob
 from clowderd.distribution.progress import Progress
@@ -44,7 +42,6 @@ UNIT_IDS = 4096  # the server's limit per call
 BATCH_BYTES = 1 << 20
 MAX_TRIES = 3  # fetches of one chunk whose bytes do not match its id before giving up
 CHECKPOINT_SECONDS = 0.25  # often, so that little is left to flush at the end
-HASH_BLOCK = 1 << 20  # bytes the sha256 thread reads back at a time
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.use_local_subchannel_pool", 1),  # one connection per channel: streams run in parallel
@@ -206,74 +203,13 @@ class _RateLimit:
             time.sleep(wait)
 
 
-class _PrefixHash:
-    """The sha256 of the partial file, computed by a thread over its completed, in-order prefix as
-    it grows: the bytes are read back from the file once their chunks are marked done (after their
-    write), so what is hashed is what is committed. Chunks written before (resumed, local) count
-    like the others."""
-
-    def __init__(self, part: PartialBlob, chunks, wake: threading.Event):
-        self.part = part
-        self.chunks = chunks
-        self.sha = hashlib.sha256()
-        self.next = 0  # chunks [0, next) are hashed
-        self.wake = wake  # set when chunks are written
-        self.finishing = False
-        self.stopped = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="sha256-prefix", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            buf = memoryview(bytearray(HASH_BLOCK))
-            done, n = self.part.done, len(self.chunks)
-            while not self.stopped:
-                finishing = self.finishing  # read before the scan: no mark can be missed
-                end = done.find(0, self.next)
-                end = n if end < 0 else end
-                if end > self.next:
-                    pos = self.chunks[self.next][0]
-                    stop = self.chunks[end - 1][0] + self.chunks[end - 1][1]
-                    while pos < stop and not self.stopped:
-                        got = os.preadv(self.part.fd, [buf[: min(HASH_BLOCK, stop - pos)]], pos)
-                        if got <= 0:
-                            raise TransferError(f"{self.part.path} ended at {pos} while hashing it")
-                        self.sha.update(buf[:got])
-                        pos += got
-                    if pos >= stop:
-                        self.next = end
-                elif finishing:
-                    return
-                else:
-                    self.wake.wait(0.05)
-                    self.wake.clear()
-        except BaseException as exc:  # noqa: BLE001 - handed to the pulling thread
-            self.error = exc
-
-    def digest(self) -> bytes:
-        """The sha256 of the whole file, once every chunk is done (waits for the tail)."""
-        self.finishing = True
-        self.wake.set()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if self.next != len(self.chunks):
-            raise TransferError(f"{self.part.path}: hashed {self.next} of {len(self.chunks)} chunks")
-        return self.sha.digest()
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.wake.set()
-        self.thread.join()
-
-
 class _BlobAssembly:
     """The state of one blob's chunk pull, shared by its fetch threads."""
 
-    def __init__(self, part: PartialBlob, chunks, progress: Progress, key: str, limit: _RateLimit):
-        self.part = part
+    def __init__(self, part: PartialBlob, chunks, sink: WindowAssembly, progress: Progress, key: str,
+                 limit: _RateLimit):
         self.chunks = chunks
+        self.sink = sink
         self.progress = progress
         self.key = key
         self.limit = limit
@@ -284,30 +220,27 @@ class _BlobAssembly:
         self.stats = BlobPullStats(resumed_bytes=sum(c[1] for i, c in enumerate(chunks) if part.done[i]))
         self.lock = threading.Lock()
         self.error: Exception | None = None
-        self.written = threading.Event()  # set after each write, for the sha256 thread
 
     def put(self, cid: bytes, data, source: str) -> bool:
-        """Write a chunk at all its offsets if it hashes to its id; False when it does not."""
+        """Place a chunk at all its offsets if it hashes to its id; False when it does not."""
         if native.blake3(data) != cid:
             return False
-        idxs = self.positions.get(cid, ())
+        idxs = self.positions.pop(cid, ())
         for i in idxs:
-            _writeall(self.part.fd, data, self.chunks[i][0])
-            self.part.done[i] = 1
+            self.sink.put(self.chunks[i][0], data)
         self._count(len(data), len(data) * len(idxs), source == "local")
         return True
 
     def put_batch(self, ids, lengths, data) -> list[bytes]:
-        """Write the chunks of a packed batch (see bad_chunks for ids, lengths) at all their
-        offsets, one pwrite per run of them that lies next to each other in the blob; returns the
-        ids of the chunks whose bytes do not hash to their id (not written)."""
+        """Place the chunks of a packed batch (see bad_chunks for ids, lengths) at all their
+        offsets, one piece per run of them that lies next to each other in the blob; returns the
+        ids of the chunks whose bytes do not hash to their id (not placed)."""
         bad = set(bad_chunks(data, lengths, ids))
         runs: list[list[int]] = []  # [offset in the blob, start in data, end in data]
-        marks: list[int] = []
         received = placed = pos = 0
         for k, length in enumerate(lengths):
             if k not in bad:
-                idxs = self.positions.get(bytes(ids[ID_SIZE * k : ID_SIZE * (k + 1)]), ())
+                idxs = self.positions.pop(bytes(ids[ID_SIZE * k : ID_SIZE * (k + 1)]), ())
                 for i in idxs:
                     off = self.chunks[i][0]
                     last = runs[-1] if runs else None
@@ -315,16 +248,12 @@ class _BlobAssembly:
                         last[2] = pos + length
                     else:
                         runs.append([off, pos, pos + length])
-                    marks.append(i)
                 received += length
                 placed += length * len(idxs)
             pos += length
         view = memoryview(data)
         for off, start, end in runs:
-            _writeall(self.part.fd, view[start:end], off)
-        done = self.part.done
-        for i in marks:
-            done[i] = 1
+            self.sink.put(off, view[start:end])
         self._count(received, placed, False)
         return [bytes(ids[ID_SIZE * k : ID_SIZE * (k + 1)]) for k in sorted(bad)]
 
@@ -335,16 +264,8 @@ class _BlobAssembly:
             else:
                 self.stats.fetched_bytes += received
                 self.stats.local_bytes += placed - received
-        self.written.set()
         if placed:
             self.progress.advance(self.key, placed)
-
-
-def _writeall(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def _units(ids: list[bytes], sizes: dict[bytes, int]) -> list[list[bytes]]:
@@ -411,17 +332,28 @@ def _fetch_worker(fetch, work: "queue.Queue[list[bytes]]", asm: _BlobAssembly, d
             asm.error = exc
 
 
+def _check_tiling(digest: str, size: int, chunks) -> None:
+    pos = 0
+    for off, length, _ in chunks:
+        if off != pos or length <= 0:
+            raise TransferError(f"blob {digest}: the source's chunk index does not tile it (at offset {pos})")
+        pos += length
+    if pos != size:
+        raise TransferError(f"blob {digest}: the source's chunk index covers {pos} of its {size} bytes")
+
+
 def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: Progress, key: str,
               limit_rate: float | None = None) -> BlobPullStats:
     """Pull one blob into the store (see the module docstring); returns what came from where."""
     retain_freed_buffers()
     size, chunks = source.chunk_index(digest)
+    _check_tiling(digest, size, chunks)
     part = PartialBlob(store, digest, size, native.blake3(pack_chunk_index(chunks)), len(chunks))
-    hasher = None
+    sink = None
     try:
-        asm = _BlobAssembly(part, chunks, progress, key, _RateLimit(limit_rate))
+        sink = WindowAssembly(part.fd, part.path, size, chunks, part.done)
+        asm = _BlobAssembly(part, chunks, sink, progress, key, _RateLimit(limit_rate))
         progress.advance(key, asm.stats.resumed_bytes)
-        hasher = _PrefixHash(part, chunks, asm.written)
         ids = list(asm.positions)
         sizes = {chunks[idxs[0]][2]: chunks[idxs[0]][1] for idxs in asm.positions.values()}
         missing = []
@@ -444,12 +376,12 @@ def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: P
                 if time.monotonic() - last >= CHECKPOINT_SECONDS:
                     part.checkpoint()
                     last = time.monotonic()
-        part.checkpoint()
         if asm.error is not None:
             raise asm.error
-        if not all(part.done):  # a retried chunk whose worker had already finished
-            raise TransferError(f"blob {digest}: {len(part.done) - sum(part.done)} chunks were not received")
-        sha = hasher.digest()
+        if asm.positions:  # a retried chunk whose worker had already finished
+            raise TransferError(f"blob {digest}: {len(asm.positions)} chunks were not received")
+        sha, sink = sink.finish(), None
+        part.checkpoint()
         path = part.close_data()
         try:
             if "sha256:" + sha.hex() != digest:
@@ -460,6 +392,8 @@ def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: P
         progress.done(key)
         return asm.stats
     finally:
-        if hasher is not None:
-            hasher.stop()
+        if sink is not None:  # the pull failed: keep in the journal what the assembly wrote
+            sink.stop()
+            with contextlib.suppress(OSError):
+                part.checkpoint()
         part.close()

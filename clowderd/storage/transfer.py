@@ -21,7 +21,7 @@ from clowder.v1 import registry_pb2, registry_pb2_grpc
 from clowderd import _native as native
 from clowderd.aimage import mediatypes as mt
 from clowderd.aimage.reference import validate_digest
-from clowderd.distribution.chunk_client import bad_chunks
+from clowderd.distribution.chunk_client import bad_chunks, retain_freed_buffers
 from clowderd.errors import ClowderError, InvalidInput, NotFound
 from clowderd.server import unimplemented_servicer
 from clowderd.store.content import ContentStore
@@ -48,6 +48,7 @@ class RegistryServicer(_Unimplemented):
     def __init__(self, store: ContentStore):
         self.store = store
         self.index = ImageIndex(store)
+        retain_freed_buffers()  # every FetchChunks message is a fresh MiB at this end too
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ClowderError):
         code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else (

@@ -272,9 +272,9 @@ class ContentStore:
         computed instead of reading the whole file again.
 
         The caller vouches for two things, both computed in this process: `sha256` is the hash of
-        the exact bytes of the file as it is now (read back from it after they were written, with
-        nothing writing to it since), and every chunk's bytes were checked against its BLAKE3 id
-        before they were written. That is the check ingest_temp_file makes, only done while the
+        the exact bytes of the file as it is now (hashed from the very buffers that were written to
+        it, or read back from it, with nothing writing to it since), and every chunk's bytes were
+        checked against its BLAKE3 id before they were written. That is the check ingest_temp_file makes, only done while the
         file was being assembled, so no blob becomes visible before its sha256 is verified. The
         store still checks what is cheap: that sha256 is digest's, that the chunks tile the file
         from 0 to its size, and the BLAKE3 of a few chunks (first, last, some between), so a
