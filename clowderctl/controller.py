@@ -13,7 +13,7 @@ import click
 import grpc
 
 from clowder.v1 import controller_pb2_grpc
-from clowderctl.images import StoreContext
+from clowderctl.context import StoreContext
 from clowderd.config import ADMIN_TOKEN_FILE, parse_address
 from clowderd.errors import ClowderError, InvalidInput, NotFound
 

@@ -15,7 +15,7 @@ import click
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from clowderctl.images import StoreContext, pass_store
+from clowderctl.context import StoreContext, pass_store
 from clowderctl.output import emit_object, human_bytes, output_option
 from clowderd.distribution import credentials
 from clowderd.distribution import progress as dprogress

@@ -8,18 +8,46 @@ deployments, deployment, scale, update, undeploy) call the controller's admin AP
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from clowderctl import apikeys, audit, cluster, deployments, distribution, images
+from clowderctl.context import StoreContext
 from clowderd.errors import ClowderError
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
 
 
+# The module of each command, imported when that command runs (or --help lists them all): a
+# command does not wait for the imports of all the others (a pull starts in half the time).
+COMMANDS = {
+    **dict.fromkeys(("build", "demo", "images", "df", "inspect", "tag", "rmi", "gc", "fsck"), "images"),
+    **dict.fromkeys(("login", "logout", "push", "pull"), "distribution"),
+    "apikey": "apikeys",
+    **dict.fromkeys(("nodes", "node", "events", "token"), "cluster"),
+    **dict.fromkeys(("deploy", "deployments", "deployment", "scale", "update", "undeploy"), "deployments"),
+    "audit": "audit",
+}
+
+
+def module_commands(module: str) -> dict[str, click.Command]:
+    """The commands clowderctl.<module> registers, by name."""
+    group = click.Group()
+    importlib.import_module(f"clowderctl.{module}").register(group)
+    return group.commands
+
+
 class _Cli(click.Group):
-    """Report user-facing errors as one line and a non-zero exit, not a traceback."""
+    """Loads each command's module on demand; reports user-facing errors as one line and a non-zero
+    exit, not a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        return module_commands(module).get(name) if module else None
 
     def invoke(self, ctx: click.Context):
         try:
@@ -40,16 +68,8 @@ class _Cli(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, data_dir: str) -> None:
     """Administer Clowder: build and manage aimages on this node, and the cluster through its controller."""
-    ctx.obj = images.StoreContext(data_dir)
+    ctx.obj = StoreContext(data_dir)
     ctx.call_on_close(ctx.obj.close)
-
-
-images.register(cli)
-distribution.register(cli)
-apikeys.register(cli)
-cluster.register(cli)
-deployments.register(cli)
-audit.register(cli)
 
 
 def main() -> None:

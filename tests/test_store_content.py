@@ -149,3 +149,19 @@ def test_threads_can_ingest_into_one_store_at_once(store, tmp_path):
         results = list(pool.map(store.ingest_file, sources))
     assert {r.info.digest for r in results} == {sha256_digest(p.read_bytes()) for p in sources}
     assert store.usage().blob_count == 6
+
+
+def test_a_store_made_with_the_chunk_map_index_by_location_opens_without_it(tmp_path):
+    import sqlite3
+
+    ContentStore(tmp_path / "store").close()
+    db = sqlite3.connect(tmp_path / "store" / "index.db")
+    db.execute("CREATE INDEX chunks_by_location ON chunks (location)")  # as older stores have it
+    db.commit()
+    db.close()
+    store = ContentStore(tmp_path / "store")
+    try:
+        names = [r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")]
+        assert "chunks_by_location" not in names
+    finally:
+        store.close()

@@ -431,9 +431,9 @@ class ContentStore:
         try:
             with self.transaction() as tx:
                 self._insert_blob(tx, digest, size, "file", chunks)
-                tx.executemany(
+                tx.executemany(  # in id order: B-tree inserts in key order touch each page once
                     "INSERT OR IGNORE INTO chunks (id, location, offset, length) VALUES (?, ?, ?, ?)",
-                    ((cid, location, off, length) for off, length, cid in chunks),
+                    sorted((cid, location, off, length) for off, length, cid in chunks),
                 )
         except StoreError:
             if not self.exists(digest):  # unless a concurrent ingest of the same content won
@@ -455,7 +455,7 @@ class ContentStore:
                 self._insert_blob(tx, digest, size, "chunks", chunks)
                 tx.executemany(
                     "INSERT OR IGNORE INTO chunks (id, location, offset, length) VALUES (?, ?, ?, ?)",
-                    ((cid, f"pack:{pack_name}", off, length) for cid, off, length in pack_rows),
+                    sorted((cid, f"pack:{pack_name}", off, length) for cid, off, length in pack_rows),
                 )
         except StoreError:
             if pack_name:

@@ -43,7 +43,6 @@ CREATE TABLE IF NOT EXISTS chunks (
     offset   INTEGER NOT NULL,
     length   INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS chunks_by_location ON chunks (location);
 -- Manifests and the blobs they reference (config, layers), for reference counting.
 CREATE TABLE IF NOT EXISTS manifests (
     digest        TEXT PRIMARY KEY,
@@ -94,6 +93,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(SCHEMA)
+    # Stores made before the chunk map lost its index by location (each ingest paid for it; only
+    # gc looked rows up by location, and it reads the map whole anyway).
+    conn.execute("DROP INDEX IF EXISTS chunks_by_location")
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

@@ -66,19 +66,21 @@ def collect(store: ContentStore, dry_run: bool = False) -> GcReport:
             records = db.execute("SELECT records FROM chunk_indexes WHERE digest = ?", (digest,)).fetchone()[0]
             live_chunks.update(cid for _, _, cid in unpack_chunk_index(records))
 
-        # Locations that will disappear: files of dead blobs, and packs mostly dead.
+        # Locations that will disappear: files of dead blobs, and packs mostly dead. The chunk map
+        # has no index by location (it would slow every ingest), so gc reads it whole, twice.
         doomed = {f"blob:{d.split(':', 1)[1]}" for d in dead_blobs if blob_rows[d][1] == "file"}
+        pack_live_bytes: dict[str, int] = {}
+        for cid, location, length in db.execute("SELECT id, location, length FROM chunks WHERE location LIKE 'pack:%'"):
+            if cid in live_chunks:
+                pack_live_bytes[location] = pack_live_bytes.get(location, 0) + length
         for pack in store.pack_dir.glob("*.pack"):
             location = f"pack:{pack.stem}"
-            rows = db.execute("SELECT id, length FROM chunks WHERE location = ?", (location,)).fetchall()
-            live_bytes = sum(length for cid, length in rows if cid in live_chunks)
-            if live_bytes < REPACK_BELOW_LIVE_SHARE * pack.stat().st_size:
+            if pack_live_bytes.get(location, 0) < REPACK_BELOW_LIVE_SHARE * pack.stat().st_size:
                 doomed.add(location)
-        rescue = {}
-        for location in doomed:
-            for cid, offset, length in db.execute(
-                "SELECT id, offset, length FROM chunks WHERE location = ?", (location,)
-            ):
+        rescue, doomed_ids = {}, []
+        for cid, location, offset, length in db.execute("SELECT id, location, offset, length FROM chunks"):
+            if location in doomed:
+                doomed_ids.append(cid)
                 if cid in live_chunks:
                     rescue[cid] = (location, offset, length)
         report.manifests_removed = len(dead_manifests)
@@ -95,8 +97,8 @@ def collect(store: ContentStore, dry_run: bool = False) -> GcReport:
                 "UPDATE chunks SET location = ?, offset = ?, length = ? WHERE id = ?",
                 ((loc, off, length, cid) for cid, loc, off, length in new_rows),
             )
-            for location in doomed:
-                tx.execute("DELETE FROM chunks WHERE location = ?", (location,))
+            rescued = set(rescue)
+            tx.executemany("DELETE FROM chunks WHERE id = ?", ((cid,) for cid in doomed_ids if cid not in rescued))
             dead_ids = [r[0] for r in tx.execute("SELECT id FROM chunks") if r[0] not in live_chunks]
             tx.executemany("DELETE FROM chunks WHERE id = ?", ((cid,) for cid in dead_ids))
             tx.executemany("DELETE FROM manifests WHERE digest = ?", ((d,) for d in dead_manifests))
