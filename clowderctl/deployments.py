@@ -3,6 +3,7 @@ scale, update, undeploy."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -79,6 +80,32 @@ def wait_options(command: Any) -> Any:
         command)
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Bytes from '80GiB', '40 GB', '1073741824'."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m and _SIZE_UNITS.get(m.group(2).lower())
+    if not unit or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{value!r} is not a size: give a positive number of bytes with an optional "
+                                 "unit (KB, MB, GB, TB or KiB, MiB, GiB, TiB), e.g. 40GiB", ctx, param)
+    return int(float(m.group(1)) * unit)
+
+
+def _labels(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, param)
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 @click.command("deploy")
 @click.argument("name")
 @click.argument("image")
@@ -88,15 +115,31 @@ def wait_options(command: Any) -> Any:
               help="May be evicted for a higher-priority deployment [default: the aimage configuration's].")
 @click.option("--must-stay/--no-must-stay", default=None,
               help="Never evicted [default: the aimage configuration's].")
+@click.option("--gpus", type=click.IntRange(1, 64), help="GPUs per replica [default: the aimage configuration's].")
+@click.option("--gpu-model", "gpu_models", multiple=True, metavar="MODEL",
+              help="An acceptable GPU model (part of its name, e.g. H100); repeat for several.")
+@click.option("--gpu-memory", callback=_size, metavar="SIZE", help="GPU memory each GPU must have, e.g. 40GiB [default: estimated from the weights].")
+@click.option("--node-selector", "node_selector", multiple=True, callback=_labels, metavar="KEY=VALUE",
+              help="Only nodes with this label (added to the configuration's); repeat for several.")
+@click.option("--engine", help="The runtime engine [default: the aimage configuration's].")
+@click.option("--strategy", type=click.Choice(["binpack", "spread"]),
+              help="Fill nodes one by one, or spread the replicas [default: the controller's].")
 @click.option("--dry-run", is_flag=True, help="Check, and say where a replica would go; change nothing.")
 @wait_options
 @controller_options
 def deploy(name: str, image: str, replicas: int, priority: int | None, preemptible: bool | None,
-           must_stay: bool | None, dry_run: bool, wait: bool, timeout: float, controller: str,
-           token: str | None) -> None:
-    """Deploy IMAGE (an aimage reference) as deployment NAME."""
+           must_stay: bool | None, gpus: int | None, gpu_models: tuple[str, ...], gpu_memory: int | None,
+           node_selector: dict[str, str], engine: str | None, strategy: str | None, dry_run: bool, wait: bool,
+           timeout: float, controller: str, token: str | None) -> None:
+    """Deploy IMAGE (an aimage reference) as deployment NAME. The placement options override the
+    aimage configuration's placement for this deployment, field by field."""
+    placement = common_pb2.Placement(
+        gpu_count=gpus or 0, gpu_models=gpu_models, gpu_memory=gpu_memory or 0, node_selector=node_selector,
+        engine=engine or "",
+        strategy={"binpack": common_pb2.Placement.STRATEGY_BINPACK, "spread": common_pb2.Placement.STRATEGY_SPREAD,
+                  None: common_pb2.Placement.STRATEGY_UNSPECIFIED}[strategy])
     spec = controller_pb2.DeploymentSpec(image=image, replicas=replicas, priority=priority, preemptible=preemptible,
-                                         must_stay=must_stay)
+                                         must_stay=must_stay, placement=placement)
     client = connect(controller, token)
     created = client.call("CreateDeployment", controller_pb2.CreateDeploymentRequest(
         deployment=controller_pb2.Deployment(name=name, spec=spec), validate_only=dry_run))

@@ -213,3 +213,25 @@ def test_the_route_watch_takes_the_join_or_admin_token_and_refuses_no_credential
         next(iter(stub.WatchRoutes(request, timeout=5)))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "no credential was given" in refused.value.details()
+
+
+def test_deploy_placement_options_override_the_configuration_and_name_what_keeps_nodes_out(clowderd, images):
+    data, _, _ = images
+    controller = start_controller(clowderd, data)
+    start_worker(clowderd, controller, "w1", labels={"zone": "earth"})
+    admin = Admin(controller)
+    wait_for("w1 joined", lambda: clowderctl(controller, "nodes").stdout.count("w1"))
+
+    fits = clowderctl(controller, "deploy", "chat", "tiny-chat:v1", "--dry-run", "--node-selector", "zone=earth")
+    assert "w1" in fits.stdout, fits.stdout
+    for args, reason in ((("--node-selector", "zone=mars"), "1 without the labels zone=mars"),
+                         (("--gpus", "2"), "1 with fewer than 2 GPU(s)"),
+                         (("--gpus", "1", "--gpu-model", "H100", "--gpu-memory", "80GiB"),
+                          "1 with fewer than 1 GPU(s) of model H100")):
+        refused = clowderctl(controller, "deploy", "chat", "tiny-chat:v1", "--dry-run", *args)
+        assert "0/1 nodes can take a replica of 'chat'" in refused.stdout and reason in refused.stdout, refused.stdout
+    with pytest.raises(grpc.RpcError):  # nothing was created by the dry runs
+        admin.deployment("chat")
+
+    bad = clowderctl(controller, "deploy", "chat", "tiny-chat:v1", "--gpu-memory", "lots", check=False)
+    assert bad.returncode == 2 and "Invalid value for '--gpu-memory': 'lots' is not a size" in bad.stderr
