@@ -122,9 +122,22 @@ class OciClient:
                 "if the registry uses a private CA, point SSL_CERT_FILE at a PEM bundle that holds it")
         return TransferError(f"{method} {url}: {exc}")
 
+    def _broken_transfer(self, exc: httpx.HTTPError, what: str, digest: str, done: int, total: int | None,
+                         again: str) -> TransferError:
+        """A transfer of a blob that a transport failure (refused, reset, closed mid-body, timed out)
+        broke off after `done` bytes: says where, what, how far it got, and what to do."""
+        if _certificate_error(exc) is not None:
+            return self._transport_error("", "", exc)
+        of = f" of {total:,}" if total is not None else ""
+        why = str(exc) or type(exc).__name__
+        return TransferError(f"{self.registry}: {what} of blob {digest} broke off after {done:,}{of} bytes "
+                             f"({why}); {again}")
+
     # -- requests and auth ---------------------------------------------------------------------
     def _request(self, method: str, url: str, scope: str, *, ok=(200,), headers=None, replayable=True,
-                 **kw) -> httpx.Response:
+                 broken: Callable[[httpx.HTTPError], TransferError] | None = None, **kw) -> httpx.Response:
+        """One request (answering an auth challenge once); a transport failure becomes a
+        TransferError: broken(exc) where given, else one that names the method and URL."""
         url = url if url.startswith("http") else self.base + url
         headers = dict(headers or {})
         for attempt in (0, 1):
@@ -133,7 +146,7 @@ class OciClient:
             try:
                 r = self.http.request(method, url, headers=headers, **kw)
             except httpx.HTTPError as exc:
-                raise self._transport_error(method, url, exc) from None
+                raise (broken(exc) if broken else self._transport_error(method, url, exc)) from None
             if r.status_code == 401 and attempt == 0 and replayable:
                 self._authenticate(r, scope)
                 continue
@@ -233,24 +246,36 @@ class OciClient:
         scope = self._scope(repo, True)
         r = self._request("POST", f"/v2/{repo}/blobs/uploads/", scope, ok=(202,))
         location = r.url.join(r.headers["location"])
+        sent = [0]
+
+        def sending(n: int) -> None:
+            sent[0] += n
+            advance(n)
+
+        def broken(exc: httpx.HTTPError) -> TransferError:
+            return self._broken_transfer(exc, "upload", digest, sent[0], size,
+                                         "run the same push again (blobs the registry has by then are skipped)")
+
         offset = 0
         if size > MONOLITHIC_MAX:
             while offset < size:
                 n = min(UPLOAD_CHUNK, size - offset)
-                r = self._request("PATCH", str(location), scope, ok=(202,), replayable=False,
-                                  content=_file_body(f, offset, n, advance),
+                r = self._request("PATCH", str(location), scope, ok=(202,), replayable=False, broken=broken,
+                                  content=_file_body(f, offset, n, sending),
                                   headers={"Content-Type": "application/octet-stream",
                                            "Content-Range": f"{offset}-{offset + n - 1}", "Content-Length": str(n)})
                 location = r.url.join(r.headers["location"])
                 offset += n
         put_url = location.copy_merge_params({"digest": digest})
-        self._request("PUT", str(put_url), scope, ok=(201,), replayable=False,
-                      content=_file_body(f, offset, size - offset, advance),
+        self._request("PUT", str(put_url), scope, ok=(201,), replayable=False, broken=broken,
+                      content=_file_body(f, offset, size - offset, sending),
                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size - offset)})
 
     def download_blob(self, repo: str, digest: str, dest: Path, advance: Callable[[int], None]) -> None:
         """Download blob digest into dest, continuing what an earlier try left there; the sha256 is
-        checked (DigestMismatch, and dest removed, when it is wrong)."""
+        checked (DigestMismatch, and dest removed, when it is wrong). A transport failure, before or
+        in the middle of the body, is a TransferError, and dest keeps every byte that arrived, so
+        the next call resumes from there."""
         h = hashlib.sha256()
         have = dest.stat().st_size if dest.exists() else 0
         if have:
@@ -260,26 +285,51 @@ class OciClient:
         headers = {"Range": f"bytes={have}-"} if have else {}
         url = f"{self.base}/v2/{repo}/blobs/{digest}"
         scope = self._scope(repo)
-        self._request("HEAD", url, scope)  # authenticate before the streamed GET
+        total: int | None = None
+
+        def broken(exc: httpx.HTTPError) -> TransferError:
+            again = (f"the {have:,} bytes that arrived are kept: run the same pull again to resume" if have
+                     else "run the same pull again to retry")
+            return self._broken_transfer(exc, "download", digest, have, total, again)
+
+        self._request("HEAD", url, scope, broken=broken)  # authenticate before the streamed GET
         if scope in self._auth:
             headers["Authorization"] = self._auth[scope]
-        with self.http.stream("GET", url, headers=headers) as r:
-            if r.status_code == 416 and have:  # already complete
-                pass
-            elif r.status_code not in (200, 206):
-                r.read()
-                raise self._error("GET", url, r)
-            else:
-                if r.status_code == 200 and have:  # the server ignored the range: start over
-                    h, have = hashlib.sha256(), 0
-                with open(dest, "r+b" if have else "wb") as f:
-                    f.seek(have)
-                    f.truncate()
-                    for block in r.iter_raw(IO_BLOCK):
-                        f.write(block)
-                        h.update(block)
-                        advance(len(block))
+        try:
+            with self.http.stream("GET", url, headers=headers) as r:
+                if r.status_code == 416 and have:  # already complete
+                    pass
+                elif r.status_code not in (200, 206):
+                    r.read()
+                    raise self._error("GET", url, r)
+                else:
+                    if r.status_code == 200 and have:  # the server ignored the range: start over
+                        h, have = hashlib.sha256(), 0
+                    total = _content_total(r)
+                    # Blocks as they come off the socket (iter_raw with a chunk size would hold back
+                    # up to that much on a failure), gathered into IO_BLOCK writes by the file's buffer.
+                    with open(dest, "r+b" if have else "wb", buffering=IO_BLOCK) as f:
+                        f.seek(have)
+                        f.truncate()
+                        for block in r.iter_raw():
+                            f.write(block)
+                            h.update(block)
+                            have += len(block)
+                            advance(len(block))
+        except httpx.HTTPError as exc:
+            raise broken(exc) from None
         actual = "sha256:" + h.hexdigest()
         if actual != digest:
             dest.unlink(missing_ok=True)
             raise DigestMismatch(f"{self.registry}/{repo}: blob {digest} downloaded with digest {actual}")
+
+
+def _content_total(r: httpx.Response) -> int | None:
+    """The whole blob's size by a 200's Content-Length or a 206's Content-Range, if given."""
+    try:
+        if r.status_code == 206:
+            total = r.headers.get("content-range", "").rpartition("/")[2]
+            return int(total) if total != "*" else None
+        return int(r.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
