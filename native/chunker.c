@@ -133,12 +133,11 @@ static int append(cdc_chunks *v, const cdc_chunk *src, size_t n)
 
 enum { WRITE_WINDOW = 2 << 20 }; /* bytes written per pwrite: recently cut and hashed, so in cache */
 
-static int write_range(int fd, const uint8_t *data, uint64_t off, uint64_t len)
+int cdc_write_all(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
 {
-    uint64_t start = off, end = off + len;
-    while (off < end) {
-        size_t want = end - off > (1u << 30) ? (1u << 30) : (size_t)(end - off);
-        ssize_t w = pwrite(fd, data + off, want, (off_t)off);
+    while (len) {
+        size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t w = pwrite(fd, buf, want, (off_t)off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -146,11 +145,21 @@ static int write_range(int fd, const uint8_t *data, uint64_t off, uint64_t len)
         }
         if (w == 0)
             return EIO;
+        buf += w;
+        len -= (uint64_t)w;
         off += (uint64_t)w;
     }
+    return 0;
+}
+
+static int write_range(int fd, const uint8_t *data, uint64_t off, uint64_t len)
+{
+    int e = cdc_write_all(fd, data + off, len, off);
+    if (e)
+        return e;
     /* Start writeback now so it overlaps the rest of the work instead of piling up for fsync. Files
      * that cannot do this (pipes, some devices) just skip it. */
-    if (sync_file_range(fd, (off_t)start, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0 && errno != ESPIPE &&
+    if (sync_file_range(fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0 && errno != ESPIPE &&
         errno != EINVAL)
         return errno;
     return 0;

@@ -41,4 +41,7 @@ const char *cdc_check_cuts(const uint64_t *cuts, size_t ncuts, uint64_t len);
 int cdc_run(const uint8_t *data, uint64_t len, const uint64_t *cuts, size_t ncuts, const cdc_params *p,
             int threads, int dst_fd, cdc_chunks *out);
 
+/* pwrite all of buf[0, len) at off, retrying short writes and EINTR. Returns 0 or an errno value. */
+int cdc_write_all(int fd, const uint8_t *buf, uint64_t len, uint64_t off);
+
 #endif

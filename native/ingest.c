@@ -78,31 +78,13 @@ typedef struct {
     int error;
 } copy_job;
 
-static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
-{
-    while (len) {
-        ssize_t w = pwrite(fd, buf, len, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (w == 0)
-            return EIO;
-        buf += w;
-        len -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
-}
-
 static void *copy_thread(void *arg)
 {
     copy_job *j = arg;
     uint64_t size = j->src->size, whole = size - size % DIRECT_ALIGN;
     for (uint64_t off = 0; off < whole && !j->error; off += DIRECT_WINDOW) {
         size_t n = whole - off < DIRECT_WINDOW ? (size_t)(whole - off) : DIRECT_WINDOW;
-        j->error = pwrite_all(j->fd, j->src->data + off, n, off);
+        j->error = cdc_write_all(j->fd, j->src->data + off, n, off);
     }
     if (!j->error && whole < size) {
         void *bounce;
@@ -112,7 +94,7 @@ static void *copy_thread(void *arg)
         }
         memset(bounce, 0, DIRECT_ALIGN);
         memcpy(bounce, j->src->data + whole, size - whole);
-        j->error = pwrite_all(j->fd, bounce, DIRECT_ALIGN, whole);
+        j->error = cdc_write_all(j->fd, bounce, DIRECT_ALIGN, whole);
         free(bounce);
         if (!j->error && ftruncate(j->fd, (off_t)size) < 0)
             j->error = errno;

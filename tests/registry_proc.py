@@ -6,6 +6,8 @@ here; distribution 2.8 takes it over plain HTTP too), and ``tls=(cert, key)`` se
 tests/tls_certs.py for a throwaway CA)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import ssl
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clowderd.store.content import ContentStore
 from tests.clowderd_proc import free_port
 
 BINARY = "/usr/bin/docker-registry"
@@ -85,6 +88,25 @@ class RegistryProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def assert_same_image(registry, data_dir, repo, tag, digest, **client_kw):
+    """The registry holds repo:tag with this digest, and data_dir's store has every byte of it."""
+    with registry.client(**client_kw) as client:
+        remote = client.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert remote.status_code == 200, remote.text
+        assert "sha256:" + hashlib.sha256(remote.content).hexdigest() == digest
+        doc = json.loads(remote.content)
+        store = ContentStore(data_dir / "store")
+        try:
+            assert store.read_bytes(digest) == remote.content
+            for d in [doc["config"], *doc["layers"]]:
+                blob = client.get(f"/v2/{repo}/blobs/{d['digest']}").content
+                assert "sha256:" + hashlib.sha256(blob).hexdigest() == d["digest"]
+                assert store.read_bytes(d["digest"]) == blob
+        finally:
+            store.close()
+
 
 
 @pytest.fixture

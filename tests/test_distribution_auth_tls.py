@@ -69,26 +69,6 @@ def login(data_dir, registry, password=PASSWORD, env=None):
     return ctl(data_dir, "login", registry.host, "-u", USER, "--password-stdin", input=password + "\n", env=env)
 
 
-def assert_same_image(registry, data_dir, repo, tag, digest, **client_kw):
-    """The registry holds repo:tag with this digest, and data_dir's store has every byte of it."""
-    from clowderd.store.content import ContentStore
-
-    with registry.client(**client_kw) as client:
-        remote = client.get(f"/v2/{repo}/manifests/{tag}", headers=MANIFEST)
-        assert remote.status_code == 200, remote.text
-        assert "sha256:" + hashlib.sha256(remote.content).hexdigest() == digest
-        doc = json.loads(remote.content)
-        store = ContentStore(data_dir / "store")
-        try:
-            assert store.read_bytes(digest) == remote.content
-            for d in [doc["config"], *doc["layers"]]:
-                blob = client.get(f"/v2/{repo}/blobs/{d['digest']}").content
-                assert "sha256:" + hashlib.sha256(blob).hexdigest() == d["digest"]
-                assert store.read_bytes(d["digest"]) == blob
-        finally:
-            store.close()
-
-
 def assert_clear_error(r, host, *words):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
@@ -126,7 +106,7 @@ def test_login_then_push_and_pull_round_trip_an_aimage_byte_identically(auth_reg
     r = ctl(dst, "pull", "-o", "json", dest)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == digest
-    assert_same_image(auth_registry, dst, "basic/tiny", "v1", digest, auth=(USER, PASSWORD))
+    registry_proc.assert_same_image(auth_registry, dst, "basic/tiny", "v1", digest, auth=(USER, PASSWORD))
 
 
 def test_login_with_a_wrong_password_fails_clearly_and_stores_nothing(auth_registry, tmp_path):
@@ -174,7 +154,7 @@ def test_push_and_pull_over_https_succeed_when_the_ca_is_trusted(tls_registry, t
     r = ctl(dst, "pull", "-q", dest, env=trust)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == digest
-    assert_same_image(tls_registry, dst, "tls/tiny", "v1", digest)
+    registry_proc.assert_same_image(tls_registry, dst, "tls/tiny", "v1", digest)
 
 
 def test_https_registry_with_an_untrusted_ca_fails_with_a_certificate_error(tls_registry, src, tmp_path):

@@ -54,17 +54,7 @@ def test_push_then_pull_gives_byte_identical_manifest_and_blobs(registry, tmp_pa
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["digest"] == digest and result["name"] == dest
-    manifest = json.loads(remote.content)
-    from clowderd.store.content import ContentStore
-
-    store = ContentStore(dst / "store")
-    try:
-        assert store.read_bytes(digest) == remote.content
-        for d in [manifest["config"], *manifest["layers"]]:
-            remote_blob = httpx.get(f"http://{registry.host}/v2/models/tiny/blobs/{d['digest']}").content
-            assert store.read_bytes(d["digest"]) == remote_blob
-    finally:
-        store.close()
+    registry_proc.assert_same_image(registry, dst, "models/tiny", "v1", digest)
     images = ctl(dst, "images", "-o", "json")
     assert dest in [row["name"] for row in json.loads(images.stdout)]
 

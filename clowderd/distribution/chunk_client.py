@@ -32,7 +32,7 @@ from clowderd.distribution.errors import TransferError
 from clowderd.distribution.partial import PartialBlob
 from clowderd.distribution.progress import Progress
 from clowderd.errors import DigestMismatch, NotFound
-from clowderd.store.content import ContentStore, pack_chunk_index
+from clowderd.store.content import ContentStore, pack_chunk_index, tiling_error
 
 DEFAULT_STREAMS = 4
 UNIT_BYTES = 16 << 20  # chunk bytes asked in one FetchChunks call
@@ -332,22 +332,13 @@ def _fetch_worker(fetch, work: "queue.Queue[list[bytes]]", asm: _BlobAssembly, d
             asm.error = exc
 
 
-def _check_tiling(digest: str, size: int, chunks) -> None:
-    pos = 0
-    for off, length, _ in chunks:
-        if off != pos or length <= 0:
-            raise TransferError(f"blob {digest}: the source's chunk index does not tile it (at offset {pos})")
-        pos += length
-    if pos != size:
-        raise TransferError(f"blob {digest}: the source's chunk index covers {pos} of its {size} bytes")
-
-
 def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: Progress, key: str,
               limit_rate: float | None = None) -> BlobPullStats:
     """Pull one blob into the store (see the module docstring); returns what came from where."""
     retain_freed_buffers()
     size, chunks = source.chunk_index(digest)
-    _check_tiling(digest, size, chunks)
+    if why := tiling_error(chunks, size):
+        raise TransferError(f"blob {digest}: the source's chunk index {why}")
     part = PartialBlob(store, digest, size, native.blake3(pack_chunk_index(chunks)), len(chunks))
     sink = None
     try:

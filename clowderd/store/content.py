@@ -89,6 +89,16 @@ def parse_digest(digest: str) -> str:
     return hexpart
 
 
+def tiling_error(chunks: Sequence[Chunk], size: int) -> str | None:
+    """None when chunks lie end to end from offset 0 to size, else what is wrong with them."""
+    pos = 0
+    for off, length, _ in chunks:
+        if off != pos or length <= 0:
+            return f"does not tile the blob (at offset {pos})"
+        pos += length
+    return None if pos == size else f"covers {pos} of its {size} bytes"
+
+
 def pack_chunk_index(chunks: Sequence[Chunk]) -> bytes:
     return b"".join(_RECORD.pack(off, length, cid) for off, length, cid in chunks)
 
@@ -289,13 +299,8 @@ class ContentStore:
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     size = os.fstat(fd).st_size
-                    pos = 0
-                    for off, length, _ in chunks:
-                        if off != pos or length <= 0:
-                            raise InvalidInput(f"{path}: the chunk list does not tile the file (at offset {pos})")
-                        pos += length
-                    if pos != size:
-                        raise InvalidInput(f"{path}: the chunks cover {pos} bytes of its {size}")
+                    if why := tiling_error(chunks, size):
+                        raise InvalidInput(f"{path}: the chunk list {why}")
                     sample = {0, len(chunks) - 1, *range(0, len(chunks), max(1, len(chunks) // 6))} if chunks else set()
                     for i in sorted(sample):
                         off, length, cid = chunks[i]
