@@ -18,6 +18,10 @@ Chunk = tuple[int, int, bytes]
 def blake3(data: bytes | bytearray | memoryview) -> bytes:
     """The 32-byte BLAKE3 hash of data."""
 
+def blake3_many(data: bytes | bytearray | memoryview, lengths: Sequence[int]) -> bytes:
+    """The 32-byte BLAKE3 hashes of the pieces of data cut after each of lengths, concatenated (one
+    call, the GIL released once). Raises ValueError unless the lengths add up to len(data)."""
+
 def chunk(
     data: bytes | bytearray | memoryview,
     cuts: Sequence[int] = (),

@@ -116,6 +116,59 @@ static PyObject *py_blake3(PyObject *self, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)out, sizeof out);
 }
 
+static PyObject *py_blake3_many(PyObject *self, PyObject *args)
+{
+    PyObject *data, *lengths_obj, *out = NULL;
+    if (!PyArg_ParseTuple(args, "OO:blake3_many", &data, &lengths_obj))
+        return NULL;
+    PyObject *seq = PySequence_Fast(lengths_obj, "lengths must be a sequence of ints");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer buf = {0};
+    uint64_t *lens = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *lens);
+    if (!lens) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred())
+            goto done;
+        if (v < 0) {
+            PyErr_SetString(PyExc_ValueError, "lengths must not be negative");
+            goto done;
+        }
+        lens[i] = (uint64_t)v;
+        total += lens[i];
+    }
+    if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    if (total != (uint64_t)buf.len) {
+        PyErr_Format(PyExc_ValueError, "the lengths add up to %llu bytes, data has %zd", (unsigned long long)total,
+                     buf.len);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n * BLAKE3_OUT_LEN);
+    if (!out)
+        goto done;
+    uint8_t *ids = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *p = buf.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        blake3(p, (size_t)lens[i], ids + i * BLAKE3_OUT_LEN);
+        p += lens[i];
+    }
+    Py_END_ALLOW_THREADS
+done:
+    if (buf.obj)
+        PyBuffer_Release(&buf);
+    PyMem_Free(lens);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyObject *py_chunk(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"data", "cuts", "min_size", "avg_size", "max_size", "threads", NULL};
@@ -216,6 +269,8 @@ out:
 
 static PyMethodDef methods[] = {
     {"blake3", py_blake3, METH_O, "blake3(data) -> bytes: the 32-byte BLAKE3 hash of data."},
+    {"blake3_many", py_blake3_many, METH_VARARGS,
+     "blake3_many(data, lengths) -> bytes: the BLAKE3 of each piece of data (cut after each of lengths), joined."},
     {"chunk", (PyCFunction)(void (*)(void))py_chunk, METH_VARARGS | METH_KEYWORDS,
      "chunk(data, cuts=(), *, min_size, avg_size, max_size, threads=0) -> [(offset, length, blake3)]"},
     {"ingest", (PyCFunction)(void (*)(void))py_ingest, METH_VARARGS | METH_KEYWORDS,

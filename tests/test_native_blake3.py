@@ -56,3 +56,18 @@ def test_blake3_rejects_non_contiguous_buffers_and_non_buffers():
 
 def test_blake3_kernel_is_reported():
     assert _native.BLAKE3_KERNEL in ("avx512", "portable")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=5000), max_size=20))
+def test_blake3_many_is_the_blake3_of_each_piece(pieces):
+    data = b"".join(pieces)
+    got = _native.blake3_many(memoryview(data), [len(p) for p in pieces])
+    assert got == b"".join(_native.blake3(p) for p in pieces)
+
+
+@pytest.mark.parametrize("lengths, message", [([5], "add up to 5 bytes, data has 10"), ([11], "add up to 11"),
+                                              ([-1, 11], "must not be negative"), ("ab", "integer")])
+def test_blake3_many_refuses_lengths_that_do_not_cut_data(lengths, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _native.blake3_many(b"x" * 10, lengths)

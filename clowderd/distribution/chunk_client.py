@@ -21,7 +21,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from itertools import accumulate
 
 import grpc
 
@@ -114,31 +113,25 @@ class ChunkSource:
         return r.size, [(c.offset, c.length, c.id) for c in r.chunks]
 
 
-# BLAKE3 of many chunks in one native call: FastCDC whose smallest and largest chunk are both the
-# largest chunk there is cuts only at forced cuts, so with every boundary forced it hashes exactly
-# the given chunks.
-_EXACT_CUTS = {"min_size": native.MAX_SIZE, "avg_size": native.MAX_SIZE, "max_size": native.MAX_SIZE, "threads": 1}
-
-
 def bad_chunks(data, lengths, ids) -> list[int]:
     """The indexes k of the chunks in data (cut after each of lengths) whose BLAKE3 is not the
-    k-th 32-byte id of ids (the ids concatenated). One native call (the GIL released once) for a
-    batch that is all good; a call per chunk to find the bad ones otherwise."""
+    k-th 32-byte id of ids (the ids concatenated). A data of the wrong length marks the chunks it
+    does not fully hold as bad."""
     n = len(lengths)
     if not n:
         return []
-    cuts = list(accumulate(lengths))
-    if len(data) == cuts[-1] and 0 < min(lengths) and max(lengths) <= native.MAX_SIZE:
-        got = native.chunk(data, cuts[:-1], **_EXACT_CUTS)
-        if len(got) == n and b"".join(c[2] for c in got) == ids:
-            return []
-    view, bad, pos = memoryview(data), [], 0
-    for k, length in enumerate(lengths):
-        chunk = view[pos : pos + length]
-        if len(chunk) != length or native.blake3(chunk) != ids[ID_SIZE * k : ID_SIZE * (k + 1)]:
-            bad.append(k)
-        pos += length
-    return bad
+    if len(data) == sum(lengths):
+        got = native.blake3_many(data, lengths)
+    else:
+        view, pieces, pos = memoryview(data), [], 0
+        for length in lengths:
+            chunk = view[pos : pos + length]
+            pieces.append(native.blake3(chunk) if len(chunk) == length else bytes(ID_SIZE))
+            pos += length
+        got = b"".join(pieces)
+    if got == ids:
+        return []
+    return [k for k in range(n) if got[ID_SIZE * k : ID_SIZE * (k + 1)] != ids[ID_SIZE * k : ID_SIZE * (k + 1)]]
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
