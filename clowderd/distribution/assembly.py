@@ -102,41 +102,42 @@ class WindowAssembly:
     def put(self, offset: int, data) -> None:
         """Place data (the exact bytes of [offset, offset + len)) in the blob."""
         view = memoryview(data).cast("B")
-        end = offset + len(view)
+        start, end = offset, offset + len(view)
         if offset < 0 or end > self.size:
             raise TransferError(f"{self.path}: bytes [{offset}, {end}) fall outside the blob's {self.size}")
-        while offset < end:
-            w = offset // self.window
-            n = min((w + 1) * self.window, end) - offset
+        for w, off, n in self._pieces(start, end):
+            piece = view[off - start : off - start + n]
             with self.cond:
                 if w < self.next_window or n > self.need[w]:
-                    raise TransferError(f"{self.path}: bytes at offset {offset} arrived twice")
+                    raise TransferError(f"{self.path}: bytes at offset {off} arrived twice")
                 buf = None
                 if w < self.next_window + AHEAD:
                     buf = self.bufs.get(w)
                     if buf is None:
                         buf = self.bufs[w] = self._buffer()
             if buf is None:
-                write_all(self.fd, view[:n], offset)
+                write_all(self.fd, piece, off)
             else:
-                at = offset - w * self.window
-                buf[at : at + n] = view[:n]
+                at = off - w * self.window
+                buf[at : at + n] = piece
             with self.cond:
                 if buf is None:
-                    self.on_disk[w].append((offset, n))
+                    self.on_disk[w].append((off, n))
                 self.need[w] -= n
                 if not self.need[w]:
                     self.cond.notify_all()
-            offset += n
-            view = view[n:]
 
     def _landed_on_disk(self, offset: int, length: int) -> None:
-        end = offset + length
+        for w, off, n in self._pieces(offset, offset + length):
+            self.on_disk[w].append((off, n))
+            self.need[w] -= n
+
+    def _pieces(self, offset: int, end: int):
+        """(window, offset, length) of each piece of [offset, end) that lies in one window."""
         while offset < end:
             w = offset // self.window
             n = min((w + 1) * self.window, end) - offset
-            self.on_disk[w].append((offset, n))
-            self.need[w] -= n
+            yield w, offset, n
             offset += n
 
     def _buffer(self) -> mmap.mmap:
