@@ -39,6 +39,7 @@ MANIFEST = json.dumps({
     "layers": [{"mediaType": "application/octet-stream", "digest": _digest(LAYER), "size": len(LAYER)}],
 }).encode()
 BLOBS = {_digest(CONFIG): CONFIG, _digest(LAYER): LAYER}
+CORRUPT_LAYER = LAYER[:SENT] + bytes([LAYER[SENT] ^ 0xFF]) + LAYER[SENT + 1:]  # what a bad disk or proxy serves
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -118,6 +119,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        if fake.corrupt and data is LAYER:
+            self.wfile.write(CORRUPT_LAYER[start:])
+            return
         if fake.break_off and data is LAYER:
             self.wfile.write(data[start:start + SENT])
             self.wfile.flush()
@@ -172,6 +176,7 @@ class FakeRegistry:
 
     def __init__(self):
         self.break_off: str | None = None
+        self.corrupt = False  # serve CORRUPT_LAYER for LAYER (same length, one byte flipped)
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Range
         self.received: list[bytes] = []  # the bodies of broken-off uploads, as far as they came
         self.uploaded: dict[str, bytes] = {}  # blob digest (or manifest path) -> content pushed
@@ -262,3 +267,30 @@ def test_a_blob_upload_broken_off_mid_body_is_one_error_line_and_the_next_push_c
     assert r.stdout.strip() == digest
     assert fake_registry.uploaded[_digest(weights)] == weights
     assert _digest(fake_registry.uploaded["/v2/pushed/tiny/manifests/v1"]) == digest
+
+
+def test_a_blob_that_arrives_with_other_content_is_refused_and_nothing_of_it_is_kept(fake_registry, tmp_path):
+    data_dir = tmp_path / "d"
+    ref = f"{fake_registry.host}/{REPO}:v1"
+    layer = _digest(LAYER)
+
+    fake_registry.corrupt = True
+    r = ctl(data_dir, "pull", "-q", ref)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"error: {fake_registry.host}/{REPO}: blob {layer} arrived with other content ("), lines[0]
+    assert f"expected {layer}" in lines[0] and lines[0].endswith("nothing of it was kept")
+    assert not list((data_dir / "store" / "partial").iterdir())
+    from clowderd.store.content import ContentStore
+
+    store = ContentStore(data_dir / "store")
+    try:
+        assert not store.exists(layer) and not store.exists(_digest(MANIFEST))
+    finally:
+        store.close()
+
+    fake_registry.corrupt = False
+    r = ctl(data_dir, "pull", "-o", "json", ref)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_bytes"] == 0  # started over: the bad bytes were not resumed

@@ -126,6 +126,10 @@ def _pull_oci_blob(store: ContentStore, client: OciClient, ref: RemoteRef, d: di
     if size != int(d.get("size", -1)):
         path.unlink(missing_ok=True)
         raise TransferError(f"{ref}: blob {digest} has {size} bytes, the manifest says {d.get('size')}")
-    store.ingest_temp_file(path, _cuts(path, d), expected_digest=digest)
+    try:  # checks the digest (and consumes the file either way)
+        store.ingest_temp_file(path, _cuts(path, d), expected_digest=digest)
+    except DigestMismatch as exc:
+        raise DigestMismatch(f"{ref.registry}/{ref.repository}: blob {digest} arrived with other content "
+                             f"({exc}); nothing of it was kept") from None
     progress.done(key)
     return chunk_client.BlobPullStats(fetched_bytes=fetched[0], resumed_bytes=resumed)
