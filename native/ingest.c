@@ -75,8 +75,24 @@ enum { DIRECT_ALIGN = 4096, DIRECT_WINDOW = 8 << 20 };
 typedef struct {
     const ingest_src *src;
     int fd;
+    int flags; /* fd's flags before O_DIRECT was turned on */
+    int direct;
     int error;
 } copy_job;
+
+/* A device that wants coarser alignment than DIRECT_ALIGN refuses the write with EINVAL: direct
+ * I/O goes off and this write and the rest go through the page cache. */
+static int copy_range(copy_job *j, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    int e = cdc_write_all(j->fd, buf, len, off);
+    if (e == EINVAL && j->direct) {
+        j->direct = 0;
+        if (fcntl(j->fd, F_SETFL, j->flags) < 0)
+            return errno;
+        e = cdc_write_all(j->fd, buf, len, off);
+    }
+    return e;
+}
 
 static void *copy_thread(void *arg)
 {
@@ -84,21 +100,25 @@ static void *copy_thread(void *arg)
     uint64_t size = j->src->size, whole = size - size % DIRECT_ALIGN;
     for (uint64_t off = 0; off < whole && !j->error; off += DIRECT_WINDOW) {
         size_t n = whole - off < DIRECT_WINDOW ? (size_t)(whole - off) : DIRECT_WINDOW;
-        j->error = cdc_write_all(j->fd, j->src->data + off, n, off);
+        j->error = copy_range(j, j->src->data + off, n, off);
     }
-    if (!j->error && whole < size) {
-        void *bounce;
-        if (posix_memalign(&bounce, DIRECT_ALIGN, DIRECT_ALIGN)) {
-            j->error = ENOMEM;
-            return NULL;
-        }
-        memset(bounce, 0, DIRECT_ALIGN);
-        memcpy(bounce, j->src->data + whole, size - whole);
-        j->error = cdc_write_all(j->fd, bounce, DIRECT_ALIGN, whole);
-        free(bounce);
-        if (!j->error && ftruncate(j->fd, (off_t)size) < 0)
-            j->error = errno;
+    if (j->error || whole == size)
+        return NULL;
+    if (!j->direct) {
+        j->error = copy_range(j, j->src->data + whole, size - whole, whole);
+        return NULL;
     }
+    void *bounce;
+    if (posix_memalign(&bounce, DIRECT_ALIGN, DIRECT_ALIGN)) {
+        j->error = ENOMEM;
+        return NULL;
+    }
+    memset(bounce, 0, DIRECT_ALIGN);
+    memcpy(bounce, j->src->data + whole, size - whole);
+    j->error = copy_range(j, bounce, DIRECT_ALIGN, whole);
+    free(bounce);
+    if (!j->error && ftruncate(j->fd, (off_t)size) < 0)
+        j->error = errno;
     return NULL;
 }
 
@@ -108,9 +128,9 @@ int ingest_run(const ingest_src *src, int dst_fd, const uint64_t *cuts, size_t n
     sha_job job = {src, sha256, 0};
     pthread_t tid, copy_tid;
     int threaded = pthread_create(&tid, NULL, sha_thread, &job) == 0;
-    copy_job copy = {src, dst_fd, 0};
     int flags = dst_fd >= 0 ? fcntl(dst_fd, F_GETFL) : -1;
     int direct = flags >= 0 && src->size && fcntl(dst_fd, F_SETFL, flags | O_DIRECT) == 0;
+    copy_job copy = {src, dst_fd, flags, direct, 0};
     int copying = direct && pthread_create(&copy_tid, NULL, copy_thread, &copy) == 0;
     if (direct && !copying)
         copy_thread(&copy);

@@ -187,7 +187,15 @@ class WindowAssembly:
             # The last window's partial block goes through the page cache: the file keeps its size.
             whole = length - length % ALIGN if self.direct_fd >= 0 else 0
             if whole:
-                write_all(self.direct_fd, view[:whole], base)
+                try:
+                    write_all(self.direct_fd, view[:whole], base)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # A device that wants coarser alignment than ALIGN: the page cache from here on.
+                    os.close(self.direct_fd)
+                    self.direct_fd = -1
+                    write_all(self.fd, view[:whole], base)
             if whole < length:
                 write_all(self.fd, view[whole:length], base + whole)
             view.release()
