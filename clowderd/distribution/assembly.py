@@ -13,8 +13,8 @@ written; windows are written in order, so all of its bytes are.
 Memory is bounded: a piece for a window more than AHEAD windows past the one being hashed (a slow
 stream, a chunk repeated far away, chunks from the local store) is written through the page cache
 at once and read back when its window's turn comes, as are the chunks of an interrupted pull that
-are already in the file. Where the filesystem refuses O_DIRECT the windows are written with plain
-pwrite, and the result is the same.
+are already in the file. Where the filesystem refuses O_DIRECT, or the device refuses a write for
+its alignment, the windows are written with plain pwrite, and the result is the same.
 """
 from __future__ import annotations
 
