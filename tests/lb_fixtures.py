@@ -11,12 +11,11 @@ import grpc
 import uvicorn
 
 from clowder.v1 import inference_pb2_grpc
-from clowderd.lb.dispatch import Dispatcher
+from clowderd.lb.node import LbCore
 from clowderd.lb.openai_http import OpenAIApp
-from clowderd.lb.routes import Route, RouteTable
+from clowderd.lb.routes import Route
 from clowderd.lb.service import InferenceServicer
-from clowderd.lb.upstream import Workers
-from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
+from clowderd.middleware.registry import LbPolicy
 from tests.clowderd_proc import free_port
 
 
@@ -47,11 +46,8 @@ class LbServer:
         self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
-        shared = Shared.open(self.policy, lambda call, messages: self.dispatcher.summarise(call, messages))
-        self.routes = RouteTable()
-        self.workers = Workers()
-        self.chains = ChainBuilder(self.policy, shared)
-        self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
+        core = LbCore(self.policy)
+        self.routes, self.workers, self.chains, self.dispatcher = core.routes, core.workers, core.chains, core.dispatcher
         grpc_server = grpc.aio.server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher), grpc_server)
         grpc_server.add_insecure_port(self.grpc_address)
@@ -67,7 +63,7 @@ class LbServer:
         await serving
         await grpc_server.stop(1)
         await self.workers.close()
-        await shared.close()
+        await core.shared.close()
 
     def put_route(self, route: Route) -> None:
         """Publish a route, as the controller's route watch does."""

@@ -22,23 +22,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("clowderd.lb")
 
 
-class LbNode:
+class LbCore:
+    """What answers calls, whatever fills its route table: the middleware's shared state, the routes,
+    the connections to workers (`local`: this process's worker, see Workers), the chains and the
+    dispatcher."""
+
+    def __init__(self, policy: LbPolicy, local: tuple[str, object] | None = None):
+        self.policy = policy
+        self.shared = Shared.open(policy, lambda call, messages: self.dispatcher.summarise(call, messages))
+        self.routes = RouteTable()
+        self.workers = Workers(local=local)
+        self.chains = ChainBuilder(policy, self.shared)
+        self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
+
+
+class LbNode(LbCore):
     def __init__(self, process: "Process"):
         self.process = process
         cfg = process.config
         http = cfg.lb_http
         data_dir = Path(cfg.data_dir) / "lb"
         audit_log = data_dir / "audit.log" if http.audit_log == "" else Path(http.audit_log) if http.audit_log else None
-        self.policy = LbPolicy(data_dir=data_dir, middleware=list(http.middleware),
-                               keys_file=Path(http.keys_file) if http.keys_file else None,
-                               requests_per_minute=http.requests_per_minute, audit_log=audit_log,
-                               secrets_file=Path(http.secrets_file) if http.secrets_file else None)
-        self.shared = Shared.open(self.policy, lambda call, messages: self.dispatcher.summarise(call, messages))
-        self.routes = RouteTable()
         local = process.local_replicas
-        self.workers = Workers(local=(cfg.node_name, local) if local is not None else None)
-        self.chains = ChainBuilder(self.policy, self.shared)
-        self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
+        super().__init__(LbPolicy(data_dir=data_dir, middleware=list(http.middleware),
+                                  keys_file=Path(http.keys_file) if http.keys_file else None,
+                                  requests_per_minute=http.requests_per_minute, audit_log=audit_log,
+                                  secrets_file=Path(http.secrets_file) if http.secrets_file else None),
+                         local=(cfg.node_name, local) if local is not None else None)
 
     def start(self) -> None:
         cfg = self.process.config

@@ -49,6 +49,9 @@ class Workers:
     def __init__(self, local: tuple[str, object] | None = None):
         self.local = local
         self._channels: dict[str, grpc.aio.Channel] = {}
+        if local is not None:  # only then: a node that is just an lb never loads the worker's code
+            from clowderd.worker import service
+            self._worker_service = service
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
@@ -60,12 +63,12 @@ class Workers:
                        request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """The worker's responses; raises UpstreamError. Closing the iterator early cancels the call."""
         if self.local is not None and endpoint.node_name == self.local[0]:
-            from clowderd.worker.service import HANDLED, generate_responses, status_code
+            service = self._worker_service
             try:
-                async for response in generate_responses(self.local[1], request):
+                async for response in service.generate_responses(self.local[1], request):
                     yield response
-            except HANDLED as e:
-                raise UpstreamError(status_code(e), str(e)) from None
+            except service.HANDLED as e:
+                raise UpstreamError(service.status_code(e), str(e)) from None
             return
         call = self._stub(endpoint.worker_address).Generate(request)
         try:
