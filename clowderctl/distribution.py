@@ -1,7 +1,7 @@
 """Distribution commands: login, logout, push, pull.
 
 Remote references: `HOST[:PORT]/repo[:tag]` for an OCI registry (HTTPS; a loopback host gets
-plain HTTP unless it answers TLS; --insecure forces plain HTTP), `clowder://HOST:PORT/repo[:tag]`
+plain HTTP when it answers plain HTTP; --insecure forces plain HTTP), `clowder://HOST:PORT/repo[:tag]`
 for a Clowder storage node's gRPC address (chunk-aware: only the chunks this node lacks cross the
 network). A registry whose certificate comes from a private CA is trusted through SSL_CERT_FILE
 (a PEM bundle holding that CA).
@@ -27,7 +27,7 @@ from clowderd.distribution.refs import parse_remote
 from clowderd.errors import InvalidInput
 
 insecure_option = click.option("--insecure", is_flag=True,
-                               help="Use plain HTTP (also the case for a loopback registry that does not answer TLS).")
+                               help="Use plain HTTP (also the case for a loopback registry that answers plain HTTP).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the digest.")
 
 

@@ -198,3 +198,19 @@ def test_push_and_pull_over_https_to_a_clowder_storage_node_with_a_token(tmp_pat
         assert r.stdout.strip() == digest
     finally:
         node.stop()
+
+
+def test_a_plain_http_storage_node_on_loopback_is_reached_without_a_tls_probe_in_its_log(tmp_path_factory, built,
+                                                                                           src, tmp_path):
+    _, digest = built
+    node = start_storage_node(tmp_path_factory)  # no tokens file: open, as on a single node
+    try:
+        host = node.config["storage"]["http_listen"]
+        r = ctl(src, "push", "-q", "tiny:v1", f"{host}/models/tiny:v1")
+        assert r.returncode == 0, r.stderr
+        r = ctl(tmp_path / "dst", "pull", "-q", f"{host}/models/tiny:v1")
+        assert r.returncode == 0 and r.stdout.strip() == digest, r.stderr
+        warnings = [rec for rec in node.log_records() if rec.get("level") in ("warning", "error")]
+        assert warnings == []  # a TLS ClientHello to a plain HTTP server is logged as an invalid request
+    finally:
+        node.stop()

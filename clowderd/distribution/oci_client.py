@@ -7,9 +7,10 @@ uploads are monolithic up to MONOLITHIC_MAX and chunked (PATCH with Content-Rang
 downloads resume a partial file with a ranged GET.
 
 TLS: HTTPS, verified against certifi's CAs, or against the bundle SSL_CERT_FILE (or the directory
-SSL_CERT_DIR) names, for a registry with a private CA. A loopback registry is reached over HTTPS
-when it answers a TLS handshake and over plain HTTP otherwise (Docker's rule for localhost, but a
-certificate that does not verify is still an error); `insecure` means plain HTTP.
+SSL_CERT_DIR) names, for a registry with a private CA. A loopback registry is reached over plain
+HTTP when it answers a plain HTTP request, else over HTTPS when it answers a TLS handshake (Docker
+lets localhost go without TLS too; a certificate that does not verify is still an error).
+`insecure` means plain HTTP.
 """
 from __future__ import annotations
 
@@ -50,6 +51,22 @@ def _host_port(registry: str, default: int) -> tuple[str, int]:
         return host, int(rest[1:]) if rest.startswith(":") else default
     host, _, port = registry.partition(":")
     return host, int(port) if port else default
+
+
+def speaks_plain_http(registry: str, timeout: float = TLS_PROBE_TIMEOUT) -> bool:
+    """Whether the server at registry (HOST[:PORT], default port 80) answers a plain HTTP request.
+    Tried before a TLS handshake, which a plain HTTP server would log as an invalid request. A Go
+    server on a TLS port answers plain HTTP with a 400 saying so: that is not plain HTTP."""
+    host, port = _host_port(registry, 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(f"GET /v2/ HTTP/1.1\r\nHost: {registry}\r\nConnection: close\r\n\r\n".encode())
+            head = b""
+            while len(head) < 1024 and (got := sock.recv(1024 - len(head))):
+                head += got
+    except OSError:
+        return False
+    return head.startswith(b"HTTP/1.") and b"HTTPS server" not in head
 
 
 def speaks_tls(registry: str, timeout: float = TLS_PROBE_TIMEOUT) -> bool:
@@ -105,7 +122,7 @@ class OciClient:
             if self._insecure:
                 scheme = "http"
             elif is_loopback(self.registry):
-                scheme = "https" if speaks_tls(self.registry) else "http"
+                scheme = "http" if speaks_plain_http(self.registry) or not speaks_tls(self.registry) else "https"
             else:
                 scheme = "https"
             self._base = f"{scheme}://{self.registry}"
