@@ -13,7 +13,8 @@ written; windows are written in order, so all of its bytes are.
 Memory is bounded: a piece for a window more than AHEAD windows past the one being hashed (a slow
 stream, a chunk repeated far away, chunks from the local store) is written through the page cache
 at once and read back when its window's turn comes, as are the chunks of an interrupted pull that
-are already in the file. Where the filesystem refuses O_DIRECT, or the device refuses a write for
+are already in the file. Such a window is written through the page cache as well (not at all when
+all of it was there): a direct write would first have the kernel write back its dirty pages. Where the filesystem refuses O_DIRECT, or the device refuses a write for
 its alignment, the windows are written with plain pwrite, and the result is the same.
 """
 from __future__ import annotations
@@ -168,7 +169,8 @@ class WindowAssembly:
                     self.cond.wait()
                 if self.need[w]:  # stopped: the windows that were complete are still written
                     return
-                buf = self.bufs.pop(w, None) or self._buffer()
+                staged = self.bufs.pop(w, None)
+                buf = staged or self._buffer()
                 ranges, self.on_disk[w] = self.on_disk[w], []
                 self.next_window = w + 1
             base, length = w * self.window, min(self.window, self.size - w * self.window)
@@ -177,15 +179,31 @@ class WindowAssembly:
                 read_into(self.fd, view[off - base : off - base + n], off, self.path)
             self.sha.update(view[:length])
             view.release()
-            self.written.put((w, buf, length))
+            # How the window is written: all of it from memory, by direct I/O; with some of it in the
+            # file already, through the page cache (a direct write would first have the kernel write
+            # back those dirty pages: every such byte twice to disk); all of it in the file: not at all.
+            how = "none" if staged is None else "cached" if ranges else "direct"
+            self.written.put((w, buf, length, how))
 
     def _write_windows(self) -> None:
         while (item := self.written.get()) is not None:
-            w, buf, length = item
+            w, buf, length, how = item
             base = w * self.window
-            view = memoryview(buf)
+            if how != "none":
+                self._write(buf, base, length, direct=how == "direct")
+            end = base + length
+            chunks, done = self.chunks, self.done
+            while self.next_mark < len(chunks) and chunks[self.next_mark][0] + chunks[self.next_mark][1] <= end:
+                done[self.next_mark] = 1
+                self.next_mark += 1
+            with self.cond:
+                self.pool.append(buf)
+
+    def _write(self, buf: mmap.mmap, base: int, length: int, direct: bool) -> None:
+        view = memoryview(buf)
+        try:
             # The last window's partial block goes through the page cache: the file keeps its size.
-            whole = length - length % ALIGN if self.direct_fd >= 0 else 0
+            whole = length - length % ALIGN if direct and self.direct_fd >= 0 else 0
             if whole:
                 try:
                     write_all(self.direct_fd, view[:whole], base)
@@ -198,14 +216,8 @@ class WindowAssembly:
                     write_all(self.fd, view[:whole], base)
             if whole < length:
                 write_all(self.fd, view[whole:length], base + whole)
+        finally:
             view.release()
-            end = base + length
-            chunks, done = self.chunks, self.done
-            while self.next_mark < len(chunks) and chunks[self.next_mark][0] + chunks[self.next_mark][1] <= end:
-                done[self.next_mark] = 1
-                self.next_mark += 1
-            with self.cond:
-                self.pool.append(buf)
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self) -> bytes:
