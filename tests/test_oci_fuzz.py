@@ -92,7 +92,8 @@ def test_bad_names_and_digests_get_spec_errors(client, name, digest, method, kin
 @given(rng=st.one_of(st.builds(lambda a, b: f"bytes={a}-{b}", st.integers(-5, 300), st.integers(-5, 300)),
                      st.builds(lambda a: f"bytes={a}-", st.integers(0, 300)),
                      st.builds(lambda a: f"bytes=-{a}", st.integers(0, 300)),
-                     st.text(max_size=20).filter(lambda t: t.isprintable() and t.isascii()),
+                     # what a client can send: HTTP strips a header value's outer whitespace, httpx refuses it
+                     st.text(max_size=20).filter(lambda t: t.isprintable() and t.isascii() and t == t.strip()),
                      st.just("bytes=0-1,3-4")))
 def test_bad_ranges_are_206_or_416(client, rng):
     data = bytes(range(200))
