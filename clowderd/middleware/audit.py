@@ -45,6 +45,7 @@ from typing import Callable
 
 from clowderd.errors import InvalidInput
 from clowderd.middleware.base import Call, Middleware, Outcome
+from clowderd.middleware.batches import CLOSE, take_batch
 from clowderd.middleware.dropped import Dropped
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ GENESIS = "0" * 64  # the `prev` of the first record
 QUEUE_LIMIT = 100_000  # records waiting for the writer; past this, records are dropped (and counted)
 TAIL_BLOCK = 64 * 1024
 
-_CLOSE = object()
 
 
 def canonical(obj) -> bytes:
@@ -221,7 +221,7 @@ class AuditLog:
 
     def close(self) -> None:
         """Write what is queued, then close the file."""
-        self._queue.put(_CLOSE)
+        self._queue.put(CLOSE)
         self._thread.join()
         self._file.close()
 
@@ -232,14 +232,8 @@ class AuditLog:
     def _write_loop(self) -> None:
         closing = False
         while not closing:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            closing = _CLOSE in batch
-            lines = [line for make in batch if make is not _CLOSE and (line := self._record(make)) is not None]
+            batch, closing = take_batch(self._queue)
+            lines = [line for make in batch if (line := self._record(make)) is not None]
             if self._broken is not None:
                 for _ in lines:
                     self._dropped.add(reason=f"writing stopped: {self._broken}")

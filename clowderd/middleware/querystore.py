@@ -37,6 +37,7 @@ from typing import Callable
 
 from clowderd.errors import InvalidInput
 from clowderd.middleware.base import Call, Middleware, Outcome
+from clowderd.middleware.batches import CLOSE, take_batch
 from clowderd.middleware.dropped import Dropped
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,6 @@ CREATE INDEX IF NOT EXISTS queries_expires ON queries (expires) WHERE expires IS
 """
 COLUMNS = "call_id, deployment, time, method, status, query, response, metadata, expires"
 
-_CLOSE = object()
 
 
 @dataclass
@@ -156,7 +156,7 @@ class QueryStore:
     def close(self) -> None:
         """Write what is queued, then close the database."""
         if self._writer is not None:
-            self._queue.put(_CLOSE)
+            self._queue.put(CLOSE)
             self._writer.join()
         self._db.close()
 
@@ -168,17 +168,8 @@ class QueryStore:
         next_purge = time.monotonic()
         closing = False
         while not closing:
-            try:
-                batch = [self._queue.get(timeout=max(0.0, next_purge - time.monotonic()))]
-            except queue.Empty:
-                batch = []
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            closing = _CLOSE in batch
-            rows = [row for make in batch if make is not _CLOSE and (row := self._row(make)) is not None]
+            batch, closing = take_batch(self._queue, max(0.0, next_purge - time.monotonic()))
+            rows = [row for make in batch if (row := self._row(make)) is not None]
             if rows:
                 self._insert(rows)
             if time.monotonic() >= next_purge:
