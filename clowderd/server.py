@@ -70,6 +70,18 @@ class StartupError(ClowderError):
 # Helpers for role services
 
 
+class StatusCodes:
+    """Errors as gRPC status codes, the first class that matches winning; the message is the error's
+    own. `handled` is the tuple of the classes, for an `except`."""
+
+    def __init__(self, *pairs: tuple[type[Exception], grpc.StatusCode]):
+        self.pairs = pairs
+        self.handled = tuple(cls for cls, _ in pairs)
+
+    def code(self, error: Exception) -> grpc.StatusCode:
+        return next(code for cls, code in self.pairs if isinstance(error, cls))
+
+
 def unimplemented_servicer(servicer_cls: type, file_descriptor: Any, service_name: str) -> Any:
     """An instance of the generated servicer_cls whose every method fails with UNIMPLEMENTED.
 

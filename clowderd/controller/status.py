@@ -5,16 +5,13 @@ import grpc
 
 from clowderd.controller.images import StorageUnavailable
 from clowderd.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from clowderd.server import StatusCodes
 
-STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+STATUS_CODES = StatusCodes(
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Conflict, grpc.StatusCode.ABORTED),
     (StorageUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
 )
-HANDLED = tuple(cls for cls, _ in STATUS_CODES)
-
-
-def status_code(error: Exception) -> grpc.StatusCode:
-    return next(code for cls, code in STATUS_CODES if isinstance(error, cls))
+HANDLED, status_code = STATUS_CODES.handled, STATUS_CODES.code

@@ -19,7 +19,7 @@ from clowderd.engines.base import Finished
 from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
 from clowderd.errors import InvalidInput, NotFound
 from clowderd.inventory import Inventory
-from clowderd.server import StartupError
+from clowderd.server import StartupError, StatusCodes
 from clowderd.store.content import ContentStore
 from clowderd.worker.agent import IDENTITY_FILE, JoinTokenUnreadable, WorkerAgent, join_token_reader
 from clowderd.worker.engine_requests import engine_request
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_UNLOAD_GRACE_S = 5.0
 
 # Errors of the replica manager and the engines, as gRPC status codes; the message is the error's.
-STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+STATUS_CODES = StatusCodes(
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (ReplicaUnavailable, grpc.StatusCode.UNAVAILABLE),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -39,11 +39,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
     (EngineError, grpc.StatusCode.INTERNAL),
 )
-HANDLED = tuple(cls for cls, _ in STATUS_CODES)
-
-
-def status_code(error: Exception) -> grpc.StatusCode:
-    return next(code for cls, code in STATUS_CODES if isinstance(error, cls))
+HANDLED, status_code = STATUS_CODES.handled, STATUS_CODES.code
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
