@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -232,10 +233,16 @@ def update(name: str, image: str, wait: bool, timeout: float, controller: str, t
 
 @click.command("undeploy")
 @click.argument("name")
+@click.option("--grace", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="How long the replicas may take to finish the calls they are answering [default: the "
+                   "worker's, 5 s]; no new calls reach them meanwhile.")
 @controller_options
-def undeploy(name: str, controller: str, token: str | None) -> None:
+def undeploy(name: str, grace: float | None, controller: str, token: str | None) -> None:
     """Delete deployment NAME; its replicas stop."""
-    connect(controller, token).call("DeleteDeployment", controller_pb2.DeleteDeploymentRequest(name=name))
+    request = controller_pb2.DeleteDeploymentRequest(name=name)
+    if grace is not None:
+        request.grace.FromTimedelta(timedelta(seconds=grace))
+    connect(controller, token).call("DeleteDeployment", request)
     click.echo(f"deployment {name} deleted")
 
 

@@ -18,7 +18,7 @@ import grpc
 import psutil
 import pytest
 
-from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
+from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc, inference_pb2, worker_pb2, worker_pb2_grpc
 from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from tests.clowderd_proc import ClowderdProcess, deep_merge
@@ -235,3 +235,59 @@ def test_deploy_placement_options_override_the_configuration_and_name_what_keeps
 
     bad = clowderctl(controller, "deploy", "chat", "tiny-chat:v1", "--gpu-memory", "lots", check=False)
     assert bad.returncode == 2 and "Invalid value for '--gpu-memory': 'lots' is not a size" in bad.stderr
+
+
+def _long_call(worker: ClowderdProcess, replica_id: str, tokens: int) -> tuple[threading.Thread, dict]:
+    """A completion of exactly `tokens` tokens, streamed from the worker in a thread; its outcome lands
+    in the dict: finish (the last finish reason), tokens (completion tokens), error (a status code), ended."""
+    stub = worker_pb2_grpc.WorkerStub(worker.channel("worker"))
+    sampling = inference_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
+    request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id="long-call",
+                                         completion=inference_pb2.CompletionRequest(prompt="Once", sampling=sampling))
+    outcome: dict[str, Any] = {"finish": None, "tokens": 0, "text": 0, "error": None}
+
+    def run() -> None:
+        try:
+            for response in stub.Generate(request, timeout=120):
+                outcome["text"] += len(response.text)
+                outcome["finish"] = response.finish_reason or outcome["finish"]
+                outcome["tokens"] = response.usage.completion_tokens or outcome["tokens"]
+        except grpc.RpcError as e:
+            outcome["error"] = e.code()
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_undeploy_with_a_grace_lets_a_running_call_finish_and_without_one_cuts_it_at_the_default(
+        clowderd, tmp_path_factory):
+    data = tmp_path_factory.mktemp("controller") / "data"
+    # Deep enough that a call of `tokens` tokens outlasts the worker's default grace of 5 s.
+    build_chat_image(data / "store", tmp_path_factory.mktemp("models"), "slow-chat:v1",
+                     shape={"hidden_size": 128, "intermediate_size": 256, "num_layers": 32})
+    controller = start_controller(clowderd, data)
+    worker = start_worker(clowderd, controller, "w1")
+    admin = Admin(controller)
+    tokens = 2000
+    for name, grace in (("patient", ("--grace", "90")), ("hasty", ())):
+        clowderctl(controller, "deploy", name, "slow-chat:v1", "--wait", "--timeout", str(LOAD_TIMEOUT))
+        (replica,) = admin.ready_replicas(name)
+        thread, outcome = _long_call(worker, replica.replica_id, tokens)
+        time.sleep(1.0)  # the call is under way
+        clowderctl(controller, "undeploy", name, *grace)
+        undeployed = time.monotonic()
+        thread.join(120)
+        print(f"\n{name}: the call ended {outcome['ended'] - undeployed:.1f}s after the undeploy: {outcome}")
+        if grace:
+            assert (outcome["error"], outcome["finish"], outcome["tokens"]) == (None, "length", tokens)
+            assert outcome["ended"] - undeployed > 5.0  # past the default grace
+        else:  # cut when the default grace ran out, with an error, not left waiting
+            assert outcome["text"] > 0 and outcome["finish"] is None and outcome["error"] is not None
+            assert 5.0 <= outcome["ended"] - undeployed < 5.0 + 10.0
+        wait_for(f"{name} gone from the worker", lambda: not admin.stub.ListDeployments(
+            controller_pb2.ListDeploymentsRequest(), metadata=admin.metadata, timeout=10).deployments)
+
+    bad = clowderctl(controller, "undeploy", "nothing", "--grace", "-1", check=False)
+    assert bad.returncode == 2 and "--grace" in bad.stderr

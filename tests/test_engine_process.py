@@ -1,4 +1,5 @@
 """The engine host as a process: load failures, crashes, unload, and never outliving the worker."""
+import asyncio
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from clowderd.engines.base import GenerateRequest
 from clowderd.engines.client import EngineClient
-from clowderd.engines.errors import EngineCrashed, EngineUnavailable, ModelLoadError
+from clowderd.engines.errors import EngineCrashed, EngineError, EngineUnavailable, ModelLoadError
 from tests.engine_fixtures import LoopThread, running_host
 
 
@@ -60,6 +61,23 @@ def test_unload_ends_the_host_with_status_zero(tiny_chat_llama):
         assert loop.run(client.unload()) == 0
     finally:
         loop.close()
+
+
+def test_unloading_the_host_mid_stream_ends_the_stream_with_an_error(tiny_chat_llama):
+    with running_host(tiny_chat_llama) as host:
+        client = host.client
+
+        async def stream_then_unload():
+            n = 0
+            async for _ in client.generate(GenerateRequest(prompt="go", max_tokens=2000, temperature=0,
+                                                           ignore_eos=True)):
+                n += 1
+                if n == 3:
+                    asyncio.get_running_loop().create_task(client.unload())
+
+        with pytest.raises(EngineError, match="was unloaded"):
+            host.run(stream_then_unload(), timeout=30)  # not a wait for ever
+        assert client.returncode == 0
 
 
 def test_missing_weights_are_reported_naming_the_directory(tiny_chat_llama, tmp_path):

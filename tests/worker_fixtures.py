@@ -27,11 +27,12 @@ class Image:
 
 
 def build_chat_image(store_dir: Path, models: Path, name: str, *, seed: int = 0,
-                     adapter: str | None = None, adapter_seed: int = 1) -> Image:
-    """Build a tiny chat llama (with one LoRA EP layer when adapter names it) into the store."""
-    model = models / f"model-{seed}"
+                     adapter: str | None = None, adapter_seed: int = 1, shape: dict | None = None) -> Image:
+    """Build a tiny chat llama (with one LoRA EP layer when adapter names it; `shape` overrides the
+    tiny one) into the store."""
+    model = models / (f"model-{seed}" + "".join(f"-{k}{v}" for k, v in sorted((shape or {}).items())))
     if not model.exists():
-        write_tiny_chat_llama(model, seed=seed)
+        write_tiny_chat_llama(model, seed=seed, **(shape or {}))
     recipe = {"base": str(model), "config": {"engine": CPU_ENGINE}}
     if adapter:
         path = write_tiny_adapter(models / f"{adapter}-{seed}-{adapter_seed}", model, seed=adapter_seed)

@@ -207,6 +207,10 @@ class Deployments:
         return await self.get(record.name)
 
     async def delete(self, request: controller_pb2.DeleteDeploymentRequest) -> None:
-        for node_id in await self.cluster.call(self.state.delete_deployment, request.name, request.etag, time.time()):
+        grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else 0.0
+        if grace < 0:
+            raise InvalidInput(f"grace is {grace:g}s; it cannot be negative")
+        for node_id in await self.cluster.call(self.state.delete_deployment, request.name, request.etag, time.time(),
+                                               grace):
             self.cluster.changes.publish(assignments_key(node_id))
         self.cluster.changes.publish(DEPLOYMENTS)

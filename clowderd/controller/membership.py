@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 import grpc
 from google.protobuf import duration_pb2
@@ -136,7 +137,12 @@ class MembershipServicer(_Unimplemented):
                 yield Event(type=controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT, replicas=current.values())
             else:
                 changed = [spec for replica_id, spec in current.items() if sent.get(replica_id) != spec]
-                removed = [common_pb2.ReplicaSpec(replica_id=replica_id) for replica_id in sent.keys() - current.keys()]
+                gone = sorted(sent.keys() - current.keys())
+                graces = await self.cluster.call(self.state.termination_graces, gone) if gone else {}
+                removed = [common_pb2.ReplicaSpec(replica_id=replica_id) for replica_id in gone]
+                for spec in removed:
+                    if spec.replica_id in graces:
+                        spec.termination_grace.FromTimedelta(timedelta(seconds=graces[spec.replica_id]))
                 if changed:
                     yield Event(type=controller_pb2.WATCH_EVENT_TYPE_PUT, replicas=changed)
                 if removed:

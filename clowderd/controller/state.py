@@ -104,6 +104,8 @@ ALTER TABLE replicas ADD COLUMN restart_at REAL NOT NULL DEFAULT 0;      -- 0: n
 """, """
 ALTER TABLE replicas ADD COLUMN terminating_since REAL NOT NULL DEFAULT 0;  -- removed, its node still runs it
 ALTER TABLE replicas ADD COLUMN terminating_reason TEXT NOT NULL DEFAULT '';
+""", """
+ALTER TABLE replicas ADD COLUMN terminating_grace REAL NOT NULL DEFAULT 0;  -- seconds to finish calls; 0: default
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -509,15 +511,16 @@ class ClusterState:
             self._event(NORMAL, reason, "Deployment", name, message, now)
         return self.deployment(name)
 
-    def delete_deployment(self, name: str, etag: str, now: float) -> list[str]:
-        """Remove the deployment; its replicas terminate (see _terminate). The nodes they were on (to be told)."""
+    def delete_deployment(self, name: str, etag: str, now: float, grace: float = 0.0) -> list[str]:
+        """Remove the deployment; its replicas terminate (see _terminate), each given `grace` seconds to
+        finish its calls (0: the worker's default). The nodes they were on (to be told)."""
         with self._write() as db:
             current = self.deployment(name)
             if etag and etag != current.etag:
                 raise Conflict(f"deployment {name!r} changed since etag {etag!r} (now {current.etag!r})")
             live = db.execute("SELECT id FROM replicas WHERE deployment = ? AND terminating_since = 0",
                               (name,)).fetchall()
-            nodes = {self._terminate(replica_id, "its deployment is deleted", now) for (replica_id,) in live}
+            nodes = {self._terminate(replica_id, "its deployment is deleted", now, grace) for (replica_id,) in live}
             db.execute("DELETE FROM deployments WHERE name = ?", (name,))
             self._event(NORMAL, "DeploymentDeleted", "Deployment", name, f"deployment {name} deleted", now)
         return sorted(nodes - {None})
@@ -566,7 +569,7 @@ class ClusterState:
         with self._write():
             return self._terminate(replica_id, "unassigned", now)
 
-    def _terminate(self, replica_id: str, why: str, now: float) -> str | None:
+    def _terminate(self, replica_id: str, why: str, now: float, grace: float = 0.0) -> str | None:
         """A replica on a ready node is terminating until the node stops reporting it; any other is deleted.
         The node it was on. NotFound when there is no such replica or it is already terminating."""
         row = self._conn.execute("SELECT replicas.node_id, nodes.state FROM replicas LEFT JOIN nodes "
@@ -575,8 +578,8 @@ class ClusterState:
         if row is None:
             raise NotFound(f"no replica {replica_id!r}")
         if row["state"] == READY:
-            self._conn.execute("UPDATE replicas SET terminating_since = ?, terminating_reason = ? WHERE id = ?",
-                               (now, why, replica_id))
+            self._conn.execute("UPDATE replicas SET terminating_since = ?, terminating_reason = ?, "
+                               "terminating_grace = ? WHERE id = ?", (now, why, grace, replica_id))
         else:
             self._conn.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
         return row["node_id"]
@@ -586,6 +589,13 @@ class ClusterState:
         rows = self._conn.execute("SELECT spec FROM replicas WHERE node_id = ? AND terminating_since = 0 ORDER BY id",
                                   (node_id,))
         return [_from_json(row[0], common_pb2.ReplicaSpec) for row in rows]
+
+    def termination_graces(self, replica_ids: list[str]) -> dict[str, float]:
+        """The grace each of these terminating replicas was given, where one was (seconds)."""
+        marks = ",".join("?" * len(replica_ids))
+        rows = self._conn.execute(f"SELECT id, terminating_grace FROM replicas WHERE id IN ({marks}) "
+                                  "AND terminating_grace > 0", replica_ids) if replica_ids else ()
+        return {row[0]: row[1] for row in rows}
 
     def replica(self, replica_id: str) -> ReplicaRecord:
         row = self._conn.execute("SELECT * FROM replicas WHERE id = ?", (replica_id,)).fetchone()

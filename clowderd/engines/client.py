@@ -153,6 +153,9 @@ class EngineClient:
             if task is not asyncio.current_task():
                 task.cancel()
         self._tasks = []
+        # The exit watcher may have been cancelled above before it told the open calls: tell them here,
+        # or a call still streaming when its replica was unloaded would wait for ever.
+        self._fail_calls(self._crash or EngineError(f"engine host {self.engine} was unloaded"))
         if not self._sock.closed:
             self._sock.close()
             self._ctx.term()
@@ -298,6 +301,10 @@ class EngineClient:
             log.error("%s", error)
         if not self._ready.done():
             self._ready.set_exception(error)
+        self._fail_calls(error)
+
+    def _fail_calls(self, error: EngineError) -> None:
+        """End every open call with error (a call stops at the first error it reads; a second is never read)."""
         for queue in self._calls.values():
             queue.put_nowait(error)
 

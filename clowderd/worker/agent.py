@@ -248,7 +248,7 @@ class WorkerAgent:
             assigned = {spec.replica_id for spec in event.replicas}
             for replica_id in {r.id for r in self.replicas.list()} | self._operations.keys():
                 if replica_id not in assigned:
-                    self._then(replica_id, self._stop, replica_id)
+                    self._then(replica_id, self._stop, (replica_id, self.unload_grace))
             for spec in event.replicas:
                 self._then(spec.replica_id, self._run, spec)
         elif event.type == controller_pb2.WATCH_EVENT_TYPE_PUT:
@@ -256,7 +256,9 @@ class WorkerAgent:
                 self._then(spec.replica_id, self._run, spec)
         elif event.type == controller_pb2.WATCH_EVENT_TYPE_DELETE:
             for spec in event.replicas:
-                self._then(spec.replica_id, self._stop, spec.replica_id)
+                grace = spec.termination_grace.ToTimedelta().total_seconds() \
+                    if spec.HasField("termination_grace") else self.unload_grace
+                self._then(spec.replica_id, self._stop, (spec.replica_id, grace))
 
     def _then(self, replica_id: str, operation: Callable[..., Awaitable[None]], argument: object) -> None:
         """Run operation(argument) once the replica's operations asked for before it are done."""
@@ -294,7 +296,8 @@ class WorkerAgent:
         log.info("loading an assigned replica", extra={"replica": spec.replica_id, "deployment": spec.deployment})
         self.replicas.load(spec)
 
-    async def _stop(self, replica_id: str) -> None:
+    async def _stop(self, what: tuple[str, float]) -> None:
+        replica_id, grace = what
         if self._find(replica_id) is not None:
-            log.info("unloading a replica no longer assigned", extra={"replica": replica_id})
-            await self.replicas.unload(replica_id, self.unload_grace)
+            log.info("unloading a replica no longer assigned", extra={"replica": replica_id, "grace_seconds": grace})
+            await self.replicas.unload(replica_id, grace)
