@@ -34,11 +34,20 @@ ALL_ROLES = ("controller", "storage", "worker", "lb")
 START_TIMEOUT = 20.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the kernel's choice for an ephemeral bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that was free a moment ago (the kernel's choice for an ephemeral bind), and not one this
+    process handed out before: the kernel may offer a port again once its probe socket is closed, and
+    two roles of one config given the same port cannot both start."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _toml_value(v: Any) -> str:
