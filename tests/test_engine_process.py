@@ -32,20 +32,20 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+async def stream_then(client: EngineClient, act) -> None:
+    """Stream a long generation and call act() once its third piece has arrived."""
+    n = 0
+    async for _ in client.generate(GenerateRequest(prompt="go", max_tokens=2000, temperature=0, ignore_eos=True)):
+        n += 1
+        if n == 3:
+            act()
+
+
 def test_killing_the_host_mid_stream_fails_the_stream_with_the_exit_status(tiny_chat_llama):
     with running_host(tiny_chat_llama) as host:
         client = host.client
-
-        async def stream_then_kill():
-            n = 0
-            async for _ in client.generate(GenerateRequest(prompt="go", max_tokens=2000, temperature=0,
-                                                           ignore_eos=True)):
-                n += 1
-                if n == 3:
-                    os.kill(client.pid, signal.SIGKILL)
-
         with pytest.raises(EngineCrashed, match=r"exited with status -9 \(killed by SIGKILL\); last stderr lines") as e:
-            host.run(stream_then_kill(), timeout=30)
+            host.run(stream_then(client, lambda: os.kill(client.pid, signal.SIGKILL)), timeout=30)
         assert e.value.exit_status == -9
         assert client.returncode == -9
         assert host.run(client.health()) == {"status": "exited", "exit_status": -9}
@@ -66,17 +66,8 @@ def test_unload_ends_the_host_with_status_zero(tiny_chat_llama):
 def test_unloading_the_host_mid_stream_ends_the_stream_with_an_error(tiny_chat_llama):
     with running_host(tiny_chat_llama) as host:
         client = host.client
-
-        async def stream_then_unload():
-            n = 0
-            async for _ in client.generate(GenerateRequest(prompt="go", max_tokens=2000, temperature=0,
-                                                           ignore_eos=True)):
-                n += 1
-                if n == 3:
-                    asyncio.get_running_loop().create_task(client.unload())
-
-        with pytest.raises(EngineError, match="was unloaded"):
-            host.run(stream_then_unload(), timeout=30)  # not a wait for ever
+        with pytest.raises(EngineError, match="was unloaded"):  # at once, not after a wait for ever
+            host.run(stream_then(client, lambda: asyncio.get_running_loop().create_task(client.unload())), timeout=30)
         assert client.returncode == 0
 
 
