@@ -242,7 +242,6 @@ def test_the_store_takes_an_assembled_file_only_with_its_digest_and_a_chunk_list
 
 def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_ones(tmp_path):
     import hashlib
-    from types import SimpleNamespace
 
     from clowderd import _native as native
     from clowderd.distribution.assembly import WindowAssembly
@@ -260,7 +259,7 @@ def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_on
     os.ftruncate(fd, off)
     done = bytearray(len(chunks))
     sink = WindowAssembly(fd, path, off, chunks, done)
-    asm = _BlobAssembly(SimpleNamespace(done=done), chunks, sink, Progress(), "k", _RateLimit(None))
+    asm = _BlobAssembly(done, chunks, sink, Progress(), "k", _RateLimit(None))
     ids = [native.blake3(p) for p in (a, b, c)]
     bad = asm.put_batch(b"".join(ids), [len(a), len(b), len(c)], a + b[:-1] + b"x" + c)
     assert bad == [ids[1]] and list(asm.positions) == [ids[1]]

@@ -14,8 +14,9 @@ Memory is bounded: a piece for a window more than AHEAD windows past the one bei
 stream, a chunk repeated far away, chunks from the local store) is written through the page cache
 at once and read back when its window's turn comes, as are the chunks of an interrupted pull that
 are already in the file. Such a window is written through the page cache as well (not at all when
-all of it was there): a direct write would first have the kernel write back its dirty pages. Where the filesystem refuses O_DIRECT, or the device refuses a write for
-its alignment, the windows are written with plain pwrite, and the result is the same.
+all of it was there): a direct write would first have the kernel write back its dirty pages. Where
+the filesystem refuses O_DIRECT, or the device refuses a write for its alignment, the windows are
+written with plain pwrite, and the result is the same.
 """
 from __future__ import annotations
 
@@ -155,14 +156,14 @@ class WindowAssembly:
                     self.error = exc
                 self.stopped = True
                 self.cond.notify_all()
-            if fn == self._write_windows:  # keep taking windows, so the hashing thread never blocks
-                while self.written.get() is not None:
-                    pass
-        finally:
-            if fn == self._hash_windows:
-                self.written.put(None)
 
     def _hash_windows(self) -> None:
+        try:
+            self._hash_each_window()
+        finally:
+            self.written.put(None)  # the writer's end
+
+    def _hash_each_window(self) -> None:
         for w in range(self.nwin):
             with self.cond:
                 while self.need[w] and not self.stopped:
@@ -186,6 +187,14 @@ class WindowAssembly:
             self.written.put((w, buf, length, how))
 
     def _write_windows(self) -> None:
+        try:
+            self._write_each_window()
+        except BaseException:
+            while self.written.get() is not None:  # keep taking windows: the hashing thread never blocks
+                pass
+            raise
+
+    def _write_each_window(self) -> None:
         while (item := self.written.get()) is not None:
             w, buf, length, how = item
             base = w * self.window

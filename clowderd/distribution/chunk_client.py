@@ -199,8 +199,9 @@ class _RateLimit:
 class _BlobAssembly:
     """The state of one blob's chunk pull, shared by its fetch threads."""
 
-    def __init__(self, part: PartialBlob, chunks, sink: WindowAssembly, progress: Progress, key: str,
+    def __init__(self, done: bytearray, chunks, sink: WindowAssembly, progress: Progress, key: str,
                  limit: _RateLimit):
+        """done: which chunks an interrupted pull already left in place."""
         self.chunks = chunks
         self.sink = sink
         self.progress = progress
@@ -208,9 +209,9 @@ class _BlobAssembly:
         self.limit = limit
         self.positions: dict[bytes, list[int]] = {}
         for i, (_, _, cid) in enumerate(chunks):
-            if not part.done[i]:
+            if not done[i]:
                 self.positions.setdefault(cid, []).append(i)
-        self.stats = BlobPullStats(resumed_bytes=sum(c[1] for i, c in enumerate(chunks) if part.done[i]))
+        self.stats = BlobPullStats(resumed_bytes=sum(c[1] for i, c in enumerate(chunks) if done[i]))
         self.lock = threading.Lock()
         self.error: Exception | None = None
 
@@ -336,7 +337,7 @@ def pull_blob(store: ContentStore, source: ChunkSource, digest: str, progress: P
     sink = None
     try:
         sink = WindowAssembly(part.fd, part.path, size, chunks, part.done)
-        asm = _BlobAssembly(part, chunks, sink, progress, key, _RateLimit(limit_rate))
+        asm = _BlobAssembly(part.done, chunks, sink, progress, key, _RateLimit(limit_rate))
         progress.advance(key, asm.stats.resumed_bytes)
         ids = list(asm.positions)
         sizes = {chunks[idxs[0]][2]: chunks[idxs[0]][1] for idxs in asm.positions.values()}

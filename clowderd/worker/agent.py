@@ -248,7 +248,7 @@ class WorkerAgent:
             assigned = {spec.replica_id for spec in event.replicas}
             for replica_id in {r.id for r in self.replicas.list()} | self._operations.keys():
                 if replica_id not in assigned:
-                    self._then(replica_id, self._stop, (replica_id, self.unload_grace))
+                    self._then(replica_id, self._stop, replica_id, self.unload_grace)
             for spec in event.replicas:
                 self._then(spec.replica_id, self._run, spec)
         elif event.type == controller_pb2.WATCH_EVENT_TYPE_PUT:
@@ -258,17 +258,17 @@ class WorkerAgent:
             for spec in event.replicas:
                 grace = spec.termination_grace.ToTimedelta().total_seconds() \
                     if spec.HasField("termination_grace") else self.unload_grace
-                self._then(spec.replica_id, self._stop, (spec.replica_id, grace))
+                self._then(spec.replica_id, self._stop, spec.replica_id, grace)
 
-    def _then(self, replica_id: str, operation: Callable[..., Awaitable[None]], argument: object) -> None:
-        """Run operation(argument) once the replica's operations asked for before it are done."""
+    def _then(self, replica_id: str, operation: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run operation(*args) once the replica's operations asked for before it are done."""
         previous = self._operations.get(replica_id)
 
         async def run() -> None:
             if previous is not None:
                 await asyncio.wait([previous])
             try:
-                await operation(argument)
+                await operation(*args)
             except ClowderError as e:
                 log.warning("cannot apply an assignment", extra={"replica": replica_id, "error": str(e)})
             except Exception:
@@ -296,8 +296,7 @@ class WorkerAgent:
         log.info("loading an assigned replica", extra={"replica": spec.replica_id, "deployment": spec.deployment})
         self.replicas.load(spec)
 
-    async def _stop(self, what: tuple[str, float]) -> None:
-        replica_id, grace = what
+    async def _stop(self, replica_id: str, grace: float) -> None:
         if self._find(replica_id) is not None:
             log.info("unloading a replica no longer assigned", extra={"replica": replica_id, "grace_seconds": grace})
             await self.replicas.unload(replica_id, grace)
