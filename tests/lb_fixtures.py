@@ -12,6 +12,7 @@ import uvicorn
 
 from clowder.v1 import inference_pb2_grpc
 from clowderd.lb.node import LbCore
+from clowderd.trust.dial import Dialer
 from clowderd.lb.openai_http import OpenAIApp
 from clowderd.lb.routes import Route
 from clowderd.lb.service import InferenceServicer
@@ -46,7 +47,7 @@ class LbServer:
         self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
-        core = LbCore(self.policy)
+        core = LbCore(self.policy, Dialer(None))  # the workers of these tests are of no cluster
         self.routes, self.workers, self.chains, self.dispatcher = core.routes, core.workers, core.chains, core.dispatcher
         grpc_server = grpc.aio.server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher), grpc_server)

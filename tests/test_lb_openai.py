@@ -15,6 +15,7 @@ import pytest
 from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from clowderd.lb.routes import Endpoint, Route
 from clowderd.middleware.auth import key_digest
+from tests.cluster_fixtures import start_node
 from tests.lb_fixtures import LbServer
 from tests.worker_fixtures import build_chat_image, start_worker
 
@@ -219,7 +220,8 @@ def test_the_same_methods_over_grpc_stream_and_not(lb, client):
 
 
 def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
-    proc = clowderd(roles=("lb",))
+    controller = clowderd(roles=("controller",))
+    proc = start_node(clowderd, controller, "lb-1", ("lb",))
     base = f"http://{proc.config['lb']['http_listen']}/v1"
     assert httpx.get(f"{base}/models", timeout=10).json() == {"object": "list", "data": []}
     r = httpx.post(f"{base}/chat/completions", json={"model": "m", "messages": QUESTION}, timeout=10)
@@ -230,6 +232,7 @@ def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
             model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert proc.stop() == 0
+    assert proc.identity().holder.roles == ("lb",)
 
 
 # -- middleware through the lb ------------------------------------------------------------------
