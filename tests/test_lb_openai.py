@@ -149,6 +149,83 @@ def test_bad_requests_get_openai_error_json_naming_the_field(lb, body, status, w
     assert words in error["message"] and error["type"] == "invalid_request_error"
 
 
+def _with(**fields) -> bytes:
+    return json.dumps({"model": "tiny", "messages": QUESTION, **fields}).encode()
+
+
+@pytest.mark.parametrize("body, field", [
+    (_with(max_tokens=10 ** 12), "max_tokens"),
+    (_with(max_tokens=2 ** 32), "max_tokens"),
+    (_with(max_completion_tokens=2 ** 32), "max_completion_tokens"),
+    (_with(top_k=2 ** 32), "top_k"),
+    (_with(n=2 ** 40), "n"),
+    (_with(seed=2 ** 63), "seed"),
+    (_with(seed=-1), "seed"),
+    (_with(temperature=10 ** 400), "temperature"),  # an integer no float holds
+    (_with(top_p=-10 ** 400), "top_p"),
+    (_with(metadata={"k" * 65: "v"}), "metadata"),
+    (_with(metadata={"k": "v" * 513}), "metadata.k"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}', "messages[0].name"),
+    (b'{"model": "\\ud800", "messages": []}', "model"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "user": "\\udbff\\udbff"}', "user"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop[0]"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "metadata": {"\\ud800": "v"}}',
+     "metadata: a key"),
+])
+def test_values_no_worker_could_take_are_400_naming_the_field(lb, body, field):
+    """Numbers past the range of the worker's protobuf fields (or of a float) and strings holding a lone
+    surrogate were internal errors (500) once they reached the worker request; they are the caller's."""
+    r = httpx.post(f"{lb.base_url}/chat/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(f"{field}: "), error
+    assert error["type"] == "invalid_request_error" and len(error["message"]) < 300
+
+
+@pytest.mark.parametrize("depth, allowed", [(32, True), (33, False), (30_000, False)])
+def test_json_nested_too_deep_is_400_in_openai_json(lb, depth, allowed):
+    nested = "[" * (depth - 2) + "]" * (depth - 2)  # the body's object and metadata are the other two levels
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "metadata": {"x": '
+    r = httpx.post(f"{lb.base_url}/chat/completions", content=f"{body}{nested}}}}}", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    if allowed:  # deep enough to pass the JSON check: the field's own check answers
+        assert message.startswith("metadata: must be an object of strings"), message
+    else:
+        assert "deeper than 32 levels" in message, message
+
+
+def test_a_huge_seed_wraps_between_the_choices_of_one_call(client):
+    response = chat(client, n=2, seed=2 ** 63 - 1, max_tokens=4)
+    assert [c.index for c in response.choices] == [0, 1]
+
+
+def test_grpc_requests_are_checked_as_the_http_ones(lb):
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(lb.grpc_address))
+    messages = [inference_pb2.ChatMessage(role="user", content="Hello there")]
+    for sampling, field in ((inference_pb2.SamplingParams(n=2 ** 32 - 1), "n"),
+                            (inference_pb2.SamplingParams(seed=-5), "seed"),
+                            (inference_pb2.SamplingParams(temperature=float("nan")), "temperature"),
+                            (inference_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"]), "stop")):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ChatCompletion(inference_pb2.ChatCompletionRequest(model="tiny", messages=messages,
+                                                                    sampling=sampling), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(f"{field}: ")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Completion(inference_pb2.CompletionRequest(model="tiny", prompt="Once upon", sampling=inference_pb2.
+                                                        SamplingParams(max_tokens=2 ** 32 - 1)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()  # the engine's
+    wrapped = stub.ChatCompletion(inference_pb2.ChatCompletionRequest(
+        model="tiny", messages=messages, sampling=inference_pb2.SamplingParams(seed=2 ** 63 - 1, n=2, max_tokens=2)),
+        timeout=30)
+    assert len(wrapped.choices) == 2
+
+
 def test_max_tokens_beyond_the_context_is_400_from_the_engine(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, max_tokens=1_000_000)

@@ -17,9 +17,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
-from clowderd.lb.api import parse_chat, parse_completion
+from clowderd.lb.api import parse_chat, parse_completion, parse_json
 from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
 from clowderd.lb.errors import ApiError
+from clowderd.middleware.auth import bearer
 from clowderd.middleware.base import Call
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class OpenAIApp:
             HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             HttpRoute("/v1/completions", self.completions, methods=["POST"]),
             HttpRoute("/health", self.health, methods=["GET"]),
-        ], exception_handlers={404: self.not_found, 405: self.not_allowed})
+        ], exception_handlers={404: self.not_found, 405: self.not_allowed, Exception: self.internal_error})
 
     # -- handlers -----------------------------------------------------------------------------------
 
@@ -73,6 +74,10 @@ class OpenAIApp:
     async def not_allowed(self, request: Request, exc) -> Response:
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
+    async def internal_error(self, request: Request, exc: Exception) -> Response:
+        """A failure of the lb itself, still in OpenAI's JSON, which clients parse (the exception is logged)."""
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}"))
+
     # -- one call -----------------------------------------------------------------------------------
 
     async def _serve(self, request: Request, parse: Callable[[object], Call], encoding: type) -> Response:
@@ -86,7 +91,7 @@ class OpenAIApp:
             return Response(status_code=499)
         call.received = received
         call.body_bytes = int(request.headers.get("content-length") or 0)
-        call.api_key = _bearer(request.headers.get("authorization"))
+        call.api_key = bearer(request.headers.get("authorization"))
         call.client = request.client.host if request.client else ""
         enc = encoding(call, self.dispatcher.routes.get(call.model))
         pieces = self.dispatcher.run(call)
@@ -119,10 +124,7 @@ class OpenAIApp:
                 raise ApiError(413, f"the request body is over this server's limit of {self.max_body} bytes")
         if not raw:
             raise ApiError(400, "the request has no body: send a JSON object")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        return parse_json(raw)
 
     async def _events(self, enc, first: Piece, pieces: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
         try:
@@ -140,13 +142,6 @@ class OpenAIApp:
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 # -- encodings: pieces as OpenAI objects -------------------------------------------------------------

@@ -36,6 +36,12 @@ DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 RELOAD_CHECK_S = 2.0
 
 
+def bearer(header: str | None) -> str | None:
+    """The key of an "Authorization: Bearer KEY" header (HTTP) or metadata entry (gRPC), if any."""
+    scheme, _, key = (header or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 def key_digest(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
