@@ -357,6 +357,33 @@ def test_access_groups_admit_members_only(guarded):
     assert chat(keyed(server, "ck-alice"), model="research-only").choices[0].message.content == answer
 
 
+def test_models_need_a_valid_key_and_list_only_what_the_caller_may_call(guarded):
+    server, _, _ = guarded
+    r = httpx.get(f"{server.base_url}/models", timeout=10)
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        keyed(server, "ck-nobody").models.list()
+    assert "not valid" in e.value.message
+    everything = {"tiny", "research-only", "redacting", "blocking", "briefed", "chatty", "summarising"}
+    assert {m.id for m in keyed(server, "ck-alice").models.list().data} == everything
+    assert {m.id for m in keyed(server, "ck-bob").models.list().data} == everything - {"research-only"}
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.grpc_address))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = stub.ListModels(inference_pb2.ListModelsRequest(), metadata=[("authorization", "Bearer ck-bob")],
+                             timeout=10)
+    assert {m.id for m in listed.data} == everything - {"research-only"}
+
+
+def test_without_keys_a_deployment_restricted_to_groups_is_not_listed(lb, client, worker):
+    lb.put_route(tiny_route(worker, "members-only", {"access_groups": ["research"]}))
+    listed = {m.id for m in client.models.list().data}
+    assert "tiny" in listed and "members-only" not in listed
+    with pytest.raises(openai.PermissionDeniedError):  # as calling it is refused
+        chat(client, model="members-only")
+
+
 def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
     server, answer, words = guarded
     alice = keyed(server, "ck-alice")

@@ -55,8 +55,12 @@ class OpenAIApp:
     # -- handlers -----------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        try:
+            routes = self.dispatcher.models(bearer(request.headers.get("authorization")))
+        except ApiError as e:
+            return _error_response(e)
         data = [{"id": r.deployment, "object": "model", "created": r.created, "owned_by": "clowder",
-                 "image": r.image} for r in self.dispatcher.routes.list()]
+                 "image": r.image} for r in routes]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:

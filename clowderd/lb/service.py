@@ -28,11 +28,14 @@ async def _call(request, method: str, context: grpc.aio.ServicerContext, stream:
         call = parse(grpc_body(request, stream))
     except ApiError as e:
         await context.abort(e.grpc_code(), e.message)
-    metadata = dict(context.invocation_metadata() or ())
     call.include_usage = True  # a gRPC stream always ends with the usage
-    call.api_key = bearer(metadata.get("authorization"))
+    call.api_key = _api_key(context)
     call.client, call.body_bytes = context.peer(), request.ByteSize()
     return call
+
+
+def _api_key(context: grpc.aio.ServicerContext) -> str | None:
+    return bearer(dict(context.invocation_metadata() or ()).get("authorization"))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -40,9 +43,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.dispatcher = dispatcher
 
     async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        try:
+            routes = self.dispatcher.models(_api_key(context))
+        except ApiError as e:
+            await context.abort(e.grpc_code(), e.message)
         return inference_pb2.ListModelsResponse(data=[
             inference_pb2.Model(id=r.deployment, created=r.created, owned_by="clowder", image=r.image)
-            for r in self.dispatcher.routes.list()])
+            for r in routes])
 
     async def _pieces(self, call: Call, context) -> AsyncIterator[Piece]:
         try:
