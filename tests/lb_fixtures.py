@@ -1,6 +1,6 @@
-"""The lb's front ends (OpenAI HTTP under uvicorn, Inference over gRPC) and dispatcher running in a thread of
-the test process, on loopback ports, with a route table the test fills: for testing the lb in front of
-real workers before a controller publishes routes."""
+"""The lb's front ends (OpenAI HTTP under uvicorn, with clowderd's HTTP server settings; Inference over
+gRPC) and dispatcher running in a thread of the test process, on loopback ports, with a route table the
+test fills: for testing the lb in front of real workers before a controller publishes routes."""
 from __future__ import annotations
 
 import asyncio
@@ -11,20 +11,25 @@ import grpc
 import uvicorn
 
 from clowder.v1 import inference_pb2_grpc
+from clowderd.config import HttpLimits
+from clowderd.httpserver import server_config
 from clowderd.lb.node import LbCore
-from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.openai_http import OpenAIApp, protocol_error
 from clowderd.lb.routes import Route
 from clowderd.lb.service import InferenceServicer
 from clowderd.middleware.registry import LbPolicy
 from tests.clowderd_proc import free_port
+from tests.tls_certs import TlsFiles
 
 
 class LbServer:
     def __init__(self, data_dir: Path, *, keys_file: Path | None = None, requests_per_minute: int | None = None,
-                 max_body_bytes: int = 1 << 20):
+                 max_body_bytes: int = 1 << 20, limits: HttpLimits = HttpLimits(), tls: TlsFiles | None = None):
         self.policy = LbPolicy(data_dir=data_dir, keys_file=keys_file, requests_per_minute=requests_per_minute,
                                audit_log=data_dir / "audit.log")
         self.max_body = max_body_bytes
+        self.limits = limits
+        self.tls = tls
         self.http_port, self.grpc_port = free_port(), free_port()
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -35,7 +40,7 @@ class LbServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}/v1"
 
     @property
     def grpc_address(self) -> str:
@@ -52,8 +57,9 @@ class LbServer:
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher), grpc_server)
         grpc_server.add_insecure_port(self.grpc_address)
         await grpc_server.start()
-        config = uvicorn.Config(OpenAIApp(self.dispatcher, self.max_body).app(), host="127.0.0.1",
-                                port=self.http_port, log_config=None, access_log=False, lifespan="off")
+        config = server_config(OpenAIApp(self.dispatcher, self.max_body).app(), self.limits, error_body=protocol_error,
+                               tls_cert=str(self.tls.cert) if self.tls else None,
+                               tls_key=str(self.tls.key) if self.tls else None, port=self.http_port)
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None
         serving = asyncio.ensure_future(self.http.serve())
