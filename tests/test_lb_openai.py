@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import ssl
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,6 +18,7 @@ from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2
 from clowderd.lb.routes import Endpoint, Route
 from clowderd.middleware.auth import key_digest
 from tests.lb_fixtures import LbServer
+from tests.tls_certs import make_tls_files
 from tests.worker_fixtures import build_chat_image, start_worker
 
 S = common_pb2.ReplicaState
@@ -306,6 +309,43 @@ def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
         stub.ChatCompletion(inference_pb2.ChatCompletionRequest(
             model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert proc.stop() == 0
+
+
+# -- HTTPS --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("lb-tls"))
+
+
+def trusting(base_url: str, ca: Path | None) -> openai.OpenAI:
+    """The official client, trusting `ca` alone (None: the system's CAs)."""
+    verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                         http_client=httpx.Client(verify=verify, timeout=30))
+
+
+def test_https_answers_a_client_that_trusts_the_ca_and_no_other(worker, tls, tmp_path_factory):
+    server = LbServer(tmp_path_factory.mktemp("lb-https"), tls=tls)
+    try:
+        server.put_route(tiny_route(worker))
+        assert server.base_url.startswith("https://")
+        assert chat(trusting(server.base_url, tls.ca)).choices[0].message.content
+        with pytest.raises(openai.APIConnectionError) as e:
+            chat(trusting(server.base_url, None))
+        assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value.__cause__)
+    finally:
+        server.stop()
+
+
+def test_the_lb_role_of_clowderd_serves_https_with_its_tls_settings(clowderd, tls):
+    proc = clowderd(roles=("lb",), config_extra={"lb": {"tls_cert": str(tls.cert), "tls_key": str(tls.key)}})
+    base = f"https://{proc.config['lb']['http_listen']}/v1"
+    assert trusting(base, tls.ca).models.list().data == []
+    with pytest.raises(openai.APIConnectionError) as e:
+        trusting(base, None).models.list()
+    assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value.__cause__)
     assert proc.stop() == 0
 
 
