@@ -366,6 +366,7 @@ def guarded(worker, client, tmp_path_factory):
     configs = {"tiny": {}, "research-only": {"access_groups": ["research"]},
                "redacting": {"filters": {"output": {"redact": [words[0]], "replacement": "###"}}},
                "blocking": {"filters": {"output": {"block": [words[1]]}}},
+               "screening": {"filters": {"input": {"block": ["forbidden"]}}},
                "briefed": {"prompts": {"system": "You are a terse assistant."}, "security": {"max_input_bytes": 50}},
                "chatty": {"conversation": {"enabled": True, "max_messages": 4}},
                "summarising": {"conversation": {"enabled": True, "max_messages": 2, "policy": "summarise"}}}
@@ -404,7 +405,7 @@ def test_models_need_a_valid_key_and_list_only_what_the_caller_may_call(guarded)
     with pytest.raises(openai.AuthenticationError) as e:
         keyed(server, "ck-nobody").models.list()
     assert "not valid" in e.value.message
-    everything = {"tiny", "research-only", "redacting", "blocking", "briefed", "chatty", "summarising"}
+    everything = {"tiny", "research-only", "redacting", "blocking", "screening", "briefed", "chatty", "summarising"}
     assert {m.id for m in keyed(server, "ck-alice").models.list().data} == everything
     assert {m.id for m in keyed(server, "ck-bob").models.list().data} == everything - {"research-only"}
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.grpc_address))
@@ -424,10 +425,15 @@ def test_without_keys_a_deployment_restricted_to_groups_is_not_listed(lb, client
         chat(client, model="members-only")
 
 
+def whole_word(word: str) -> str:
+    """A filter rule's matches in ASCII text: the whole word, or with -s or -es."""
+    return rf"(?<!\w){re.escape(word)}(?:s|es)?(?!\w)"
+
+
 def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
     server, answer, words = guarded
     alice = keyed(server, "ck-alice")
-    expected = re.sub(rf"(?<!\w){re.escape(words[0])}(?!\w)", "###", answer, flags=re.IGNORECASE)
+    expected = re.sub(whole_word(words[0]), "###", answer, flags=re.IGNORECASE)
     assert chat(alice, model="redacting").choices[0].message.content == expected
     streamed = chat(alice, model="redacting", stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
@@ -436,9 +442,23 @@ def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
 def test_a_blocked_output_word_ends_the_answer_before_it_with_content_filter(guarded):
     server, answer, words = guarded
     response = chat(keyed(server, "ck-alice"), model="blocking")
-    hit = re.search(rf"(?<!\w){re.escape(words[1])}(?!\w)", answer, flags=re.IGNORECASE)
+    hit = re.search(whole_word(words[1]), answer, flags=re.IGNORECASE)
     assert response.choices[0].finish_reason == "content_filter"
     assert response.choices[0].message.content == answer[:hit.start()]
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "user", "content": "Is for\u200bbidden fruit sweet?"}, "messages[0].content"),
+    ({"role": "user", "content": "Hi", "name": "ＦＯＲＢＩＤＤＥＮ"}, "messages[0].name"),
+    ({"role": "user", "content": [{"type": "text", "text": "All "}, {"type": "text", "text": "Forbiddens"}]},
+     "messages[0].content"),
+])
+def test_a_blocked_input_word_is_refused_however_it_is_written(guarded, message, field):
+    server, _, _ = guarded
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(keyed(server, "ck-alice"), model="screening", messages=[message])
+    assert f"input-filter: {field}: the input contains the blocked word" in e.value.message
+    assert chat(keyed(server, "ck-alice"), model="screening").choices[0].message.content
 
 
 def test_the_system_prompt_is_prepended_and_the_input_limit_enforced(guarded, client):
