@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import pytest
 import uvicorn
 
-from clowder.v1 import inference_pb2_grpc
+from clowder.v1 import common_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from clowderd.config import HttpLimits
 from clowderd.httpserver import server_config
 from clowderd.lb.node import LbCore
 from clowderd.lb.openai_http import OpenAIApp, protocol_error
-from clowderd.lb.routes import Route
+from clowderd.lb.routes import Endpoint, Route
 from clowderd.lb.service import InferenceServicer
 from clowderd.middleware.registry import LbPolicy
 from tests.clowderd_proc import free_port
 from tests.tls_certs import TlsFiles
+from tests.worker_fixtures import build_chat_image, start_worker
 
 
 class LbServer:
@@ -81,3 +84,35 @@ class LbServer:
     def stop(self) -> None:
         self.http.should_exit = True
         self._thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """A worker clowderd serving a tiny chat llama as two READY replicas, chat-0 and chat-1; yields the
+    process, a Worker stub and the image."""
+    workdir = tmp_path_factory.mktemp("lb-worker")
+    image = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
+    proc = start_worker(workdir, workdir / "data")
+    stub = worker_pb2_grpc.WorkerStub(proc.channel("worker"))
+    for replica_id in ("chat-0", "chat-1"):
+        stub.LoadReplica(worker_pb2.LoadReplicaRequest(spec=common_pb2.ReplicaSpec(
+            replica_id=replica_id, deployment="tiny", image=image.name, manifest_digest=image.digest,
+            generation=1)), timeout=10)
+    deadline = time.monotonic() + 60
+    while True:
+        states = {r.replica_id: r.state for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas}
+        if all(s == common_pb2.ReplicaState.REPLICA_STATE_READY for s in states.values()):
+            break
+        assert time.monotonic() < deadline, f"replicas not ready: {states}\n{proc.stderr_text()}"
+        time.sleep(0.1)
+    yield proc, stub, image
+    assert proc.stop() == 0
+
+
+def tiny_route(worker, deployment: str = "tiny", config: dict | None = None, endpoints=None) -> Route:
+    """A route to the worker fixture's two replicas, as `deployment` with the aimage configuration `config`."""
+    proc, _, image = worker
+    address = proc.addresses["worker"]
+    endpoints = endpoints or [Endpoint("chat-0", address), Endpoint("chat-1", address)]
+    return Route(deployment, endpoints, image=image.name, manifest_digest=image.digest, config=config or {},
+                 created=1_700_000_000)

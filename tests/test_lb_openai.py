@@ -14,44 +14,13 @@ import httpx
 import openai
 import pytest
 
-from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from clowderd.lb.routes import Endpoint, Route
+from clowder.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
+from clowderd.lb.routes import Endpoint
 from clowderd.middleware.auth import key_digest
-from tests.lb_fixtures import LbServer
+from tests.lb_fixtures import LbServer, tiny_route, worker  # noqa: F401  (fixture: a worker serving a tiny chat llama)
 from tests.tls_certs import make_tls_files
-from tests.worker_fixtures import build_chat_image, start_worker
 
-S = common_pb2.ReplicaState
 QUESTION = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("lb-worker")
-    image = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
-    proc = start_worker(workdir, workdir / "data")
-    stub = worker_pb2_grpc.WorkerStub(proc.channel("worker"))
-    for replica_id in ("chat-0", "chat-1"):
-        stub.LoadReplica(worker_pb2.LoadReplicaRequest(spec=common_pb2.ReplicaSpec(
-            replica_id=replica_id, deployment="tiny", image=image.name, manifest_digest=image.digest,
-            generation=1)), timeout=10)
-    deadline = time.monotonic() + 60
-    while True:
-        states = {r.replica_id: r.state for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas}
-        if all(s == S.REPLICA_STATE_READY for s in states.values()):
-            break
-        assert time.monotonic() < deadline, f"replicas not ready: {states}\n{proc.stderr_text()}"
-        time.sleep(0.1)
-    yield proc, stub, image
-    assert proc.stop() == 0
-
-
-def tiny_route(worker, deployment: str = "tiny", config: dict | None = None, endpoints=None) -> Route:
-    proc, _, image = worker
-    address = proc.addresses["worker"]
-    endpoints = endpoints or [Endpoint("chat-0", address), Endpoint("chat-1", address)]
-    return Route(deployment, endpoints, image=image.name, manifest_digest=image.digest, config=config or {},
-                 created=1_700_000_000)
 
 
 @pytest.fixture(scope="module")
