@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz_fixtures import Cases, fuzz_client
 from tests.lb_fixtures import LbServer, tiny_route, worker  # noqa: F401  (fixture: a worker serving a tiny chat llama)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 MANY = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-cases = {"count": 0}
+cases = Cases()
 
 ODD_TEXT = ["", "Hello there", "\ud800", "a\udfffb", "\u200b\u200d\ufeff", "ｆｕｌｌｗｉｄｔｈ", "\x00", "e\u0301",
             "\U0001f600" * 3, "\u202eevil", "x" * 5000, "ß", "İ", "\n\r\t"]
@@ -92,16 +93,13 @@ def lb(worker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(lb, request):
-    with httpx.Client(base_url=f"http://127.0.0.1:{lb.http_port}", timeout=60) as c:
+    with fuzz_client(request, f"http://127.0.0.1:{lb.http_port}", "OpenAI", cases, timeout=60) as c:
         yield c
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\nOpenAI fuzzer: {cases['count']} HTTP cases checked")
 
 
 def check(r: httpx.Response) -> httpx.Response:
     """No 500, and every error in OpenAI's JSON with a message, also one sent inside a stream."""
-    cases["count"] += 1
+    cases.count += 1
     assert r.status_code < 500, (r.request.method, r.request.url, r.status_code, r.text[:500])
     if r.status_code >= 400 and r.request.method != "HEAD":  # a HEAD answer has no body
         error = r.json()["error"]
