@@ -144,7 +144,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
-        if self.flow.read_paused or self.cycle.waiting_for_100_continue:
+        if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
             self._arm_body_timer()  # the server is not reading: the client cannot be sending
             return
         self._refuse(408, f"the request body stalled: no byte of it for {self.limits.body_timeout_seconds:g} s")
@@ -170,9 +170,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 def server_config(app, limits: HttpLimits, *, error_body: ErrorBody = plain_error, tls_cert: str | None = None,
                   tls_key: str | None = None, grace_seconds: float = 1.0, host: str = "127.0.0.1",
                   port: int = 0) -> uvicorn.Config:
-    """uvicorn's settings for an HTTP API of clowderd (`host` and `port` when uvicorn binds it itself)."""
+    """uvicorn's settings for an HTTP API of clowderd (`host` and `port` when uvicorn binds it itself). No
+    WebSocket: no API of clowderd has one, and an upgraded connection would escape the limits."""
     return uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, lifespan="off", server_header=False,
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="off", server_header=False, ws="none",
         timeout_graceful_shutdown=max(int(grace_seconds), 1), ssl_certfile=tls_cert, ssl_keyfile=tls_key,
         http=functools.partial(LimitedHttpProtocol, limits=limits, error_body=error_body))
 

@@ -163,6 +163,14 @@ def test_headers_over_the_limit_are_431_and_closed(node, server, headers):
 
 
 @pytest.mark.parametrize("server", ["lb", "storage"])
+def test_a_request_that_is_not_http_is_400_in_the_apis_error_format_and_closed(node, server):
+    with socket.create_connection(address(node, server)) as sock:
+        sock.sendall(b"G\x01T / HTTP/1.1\r\nHost: test\r\n\r\n")
+        answer, _ = until_closed(sock, SLACK_S)
+    assert_error(server, answer, 400, "invalid HTTP request")
+
+
+@pytest.mark.parametrize("server", ["lb", "storage"])
 def test_headers_under_the_limit_are_served(node, server):
     host, port = address(node, server)
     path = "/v1/models" if server == "lb" else "/v2/"

@@ -144,14 +144,14 @@ class OpenAIApp:
         yield b"data: [DONE]\n\n"
 
 
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
 def protocol_error(status: int, message: str) -> tuple[str, bytes]:
     """An error the HTTP server answers before a request reaches the app (a client over the server's
     limits, a request that is not HTTP), in OpenAI's JSON: clients parse every error as such."""
     return "application/json", json.dumps(ApiError(status, message).body()).encode()
-
-
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 # -- encodings: pieces as OpenAI objects -------------------------------------------------------------
