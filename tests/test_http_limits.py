@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from clowderd.config import build_config, ConfigError
+from clowderd.config import ConfigError, build_config
 from tests.clowderd_proc import ClowderdProcess, _default_config, deep_merge
 
 HEAD_S, BODY_S, MAX_HEADER = 1.0, 2.0, 16384
