@@ -40,6 +40,9 @@ The file (TOML, read with tomllib)::
     tls_key = "/etc/clowder/registry.key"
     tokens_file = "/etc/clowder/registry-tokens.toml"   # without it the API is open to all
     anonymous_read = false           # with tokens_file: may clients without a token read?
+    http_header_timeout_seconds = 20 # the request head must arrive within this (408 otherwise)
+    http_body_timeout_seconds = 60   # a request body may pause this long between bytes
+    http_max_header_bytes = 32768    # request line and headers together (431 above)
     [worker]
     listen = "127.0.0.1:7072"
     pull_from = "local-storage"      # or "any": also pull from remote OCI registries
@@ -54,6 +57,9 @@ The file (TOML, read with tomllib)::
     middleware = ["acme-guard"]      # installed middleware (entry points), before the built-ins
     audit_log = "/var/lib/clowder/lb/audit.log"   # hash-chained; "" turns it off (default: in data_dir)
     secrets_file = "/etc/clowder/lb-secrets.toml" # [secrets] name = "..." for signing webhooks
+    http_header_timeout_seconds = 20 # as in [storage], for the OpenAI-compatible HTTP API
+    http_body_timeout_seconds = 60
+    http_max_header_bytes = 32768
 """
 from __future__ import annotations
 
@@ -130,6 +136,17 @@ class RoleConfig:
     listen: Address
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What an HTTP server of clowderd (clowderd.httpserver) allows a client, as nginx's
+    client_header_timeout, client_body_timeout and large_client_header_buffers do: a client that
+    holds a connection without sending its request, or sends huge headers, costs the server memory
+    and a connection slot."""
+    header_timeout_seconds: float = 20.0   # from the connection (or the request's first byte) to its head's end
+    body_timeout_seconds: float = 60.0     # the longest pause between two reads of a request body
+    max_header_bytes: int = 32 * 1024      # the request line and headers together
+
+
 # The storage role's OCI Distribution HTTP API (clowderd.storage.http).
 DEFAULT_HTTP_PORT = 5000
 
@@ -141,6 +158,7 @@ class RegistryHTTPConfig:
     tls_key: str | None = None
     tokens_file: str | None = None  # None: no authentication (every client may read and push)
     anonymous_read: bool = False  # with tokens_file: whether clients without a token may read
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 # The lb role's OpenAI-compatible HTTP API (clowderd.lb.openai_http).
@@ -159,6 +177,7 @@ class LbHTTPConfig:
     middleware: list[str] = field(default_factory=list)
     audit_log: str | None = ""    # "": <data_dir>/lb/audit.log; None: off
     secrets_file: str | None = None
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass
@@ -261,6 +280,8 @@ def parse_roles(value: Any, where: str) -> tuple[str, ...]:
     return tuple(r for r in ROLES if r in items)
 
 
+HTTP_LIMIT_KEYS = ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_max_header_bytes")
+
 # Schema of the file: key -> kind. A nested dict is a table.
 _SCHEMA: dict[str, Any] = {
     "data_dir": "str",
@@ -274,11 +295,12 @@ _SCHEMA: dict[str, Any] = {
                    "heartbeat_grace_seconds": "seconds", "storage": "connect", "strategy": "strategy",
                    "deploy": "deployments", "certificate_lifetime_seconds": "seconds"},
     "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
-                "tokens_file": "path", "anonymous_read": "bool"},
+                "tokens_file": "path", "anonymous_read": "bool", **{k: "http_limit" for k in HTTP_LIMIT_KEYS}},
     "worker": {"listen": "listen", "pull_from": "pull_from"},
     "lb": {"listen": "listen", "http_listen": "listen", "tls_cert": "path",
            "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
-           "middleware": "names", "audit_log": "path", "secrets_file": "path"},
+           "middleware": "names", "audit_log": "path", "secrets_file": "path",
+           **{k: "http_limit" for k in HTTP_LIMIT_KEYS}},
 }
 
 
@@ -546,7 +568,21 @@ def _lb_http(raw: Mapping[str, Any], w: Any) -> LbHTTPConfig:
     if "lb.audit_log" in raw:
         audit_log = os.path.abspath(os.path.expanduser(audit_log)) if audit_log else None
     return LbHTTPConfig(_http_listen(raw, w, "lb", DEFAULT_LB_HTTP_PORT), paths["tls_cert"], paths["tls_key"],
-                        max_body, paths["keys_file"], rpm, list(middleware), audit_log, paths["secrets_file"])
+                        max_body, paths["keys_file"], rpm, list(middleware), audit_log, paths["secrets_file"],
+                        _http_limits(raw, w, "lb"))
+
+
+def _http_limits(raw: Mapping[str, Any], w: Any, section: str) -> HttpLimits:
+    """[section] http_header_timeout_seconds, http_body_timeout_seconds and http_max_header_bytes."""
+    default = HttpLimits()
+    key = f"{section}.http_max_header_bytes"
+    max_header = raw.get(key, default.max_header_bytes)
+    if isinstance(max_header, bool) or not isinstance(max_header, int) or not 1024 <= max_header <= 1 << 20:
+        raise ConfigError(f"{w(key)}: expected a number of bytes from 1024 to 1048576, got {max_header!r}")
+    return HttpLimits(
+        _seconds(raw, w, f"{section}.http_header_timeout_seconds", default.header_timeout_seconds, 0.1, 3600),
+        _seconds(raw, w, f"{section}.http_body_timeout_seconds", default.body_timeout_seconds, 0.1, 3600),
+        max_header)
 
 
 def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
@@ -562,7 +598,8 @@ def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
             raise ConfigError(f"{w('storage.anonymous_read')}: false needs storage.tokens_file, else no "
                               "client could read; without tokens_file the API is open to all")
         anonymous_read = v
-    return RegistryHTTPConfig(listen, paths["tls_cert"], paths["tls_key"], paths["tokens_file"], anonymous_read)
+    return RegistryHTTPConfig(listen, paths["tls_cert"], paths["tls_key"], paths["tokens_file"], anonymous_read,
+                              _http_limits(raw, w, "storage"))
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -192,7 +192,9 @@ class ClowderdProcess:
         from clowder.v1 import node_pb2, node_pb2_grpc
 
         deadline = time.monotonic() + timeout
-        pending = list(self.addresses)
+        # An lb with TLS of its own presents a certificate this harness cannot check: its "serving" line is
+        # proof enough (see _serving).
+        pending = [name for name in self.addresses if not (name == "lb" and self.config["lb"].get("tls_cert"))]
         last_error = ""
         while pending:
             if self.proc.poll() is not None:

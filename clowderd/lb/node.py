@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from clowderd import httpserver
 from clowderd.lb.dispatch import Dispatcher
-from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.openai_http import OpenAIApp, protocol_error
 from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from clowderd.lb.upstream import Workers
@@ -72,6 +72,7 @@ class LbNode(LbCore):
             return
         app = OpenAIApp(self.dispatcher, http.max_body_bytes).app()
         bound = httpserver.serve(self.process, app, http.listen, cfg.where("lb.http_listen"), name="openai-http",
-                                 tls_cert=http.tls_cert, tls_key=http.tls_key, tls_where=cfg.where("lb.tls_cert"))
+                                 limits=http.limits, error_body=protocol_error, tls_cert=http.tls_cert,
+                                 tls_key=http.tls_key, tls_where=cfg.where("lb.tls_cert"))
         log.info("serving http", extra={"role": "lb", "addr": bound, "tls": bool(http.tls_cert),
                                         "auth": self.shared.keys is not None})

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 import grpc
 
 from clowder.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from clowderd.lb.api import INT64_MAX
 from clowderd.lb.routes import Endpoint
 from clowderd.middleware.base import Call
 from clowderd.trust.dial import Dialer
@@ -20,8 +21,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed"
 def generate_request(call: Call, replica_id: str, seed_offset: int = 0) -> worker_pb2.GenerateRequest:
     """The call, after the middleware chain, as a worker request for one choice."""
     sampling = inference_pb2.SamplingParams(**{k: v for k, v in call.sampling.items() if k in SAMPLING_FIELDS})
-    if seed_offset and sampling.HasField("seed"):
-        sampling.seed += seed_offset  # the choices of one call differ
+    if seed_offset and sampling.HasField("seed"):  # the choices of one call differ; int64 wraps to 0
+        sampling.seed = (sampling.seed + seed_offset) % (INT64_MAX + 1)
     request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id=f"{call.id}-{seed_offset}",
                                          adapter_digest=call.adapter_digest)
     if call.method == "chat":
