@@ -120,7 +120,7 @@ def test_a_big_blob_is_pushed_in_chunks_and_pulled_back_whole(registry, tmp_path
 
 
 def test_an_interrupted_download_continues_from_the_partial_file(registry, tmp_path, tiny_llama):
-    from clowderd.distribution.pull import pull
+    from clowderd.distribution.pull import oci_ingest_ref, pull
     from clowderd.distribution.refs import parse_remote
     from clowderd.store.content import ContentStore
 
@@ -133,7 +133,8 @@ def test_an_interrupted_download_continues_from_the_partial_file(registry, tmp_p
     d = ContentStore(dst / "store")
     try:
         half = len(weights) // 2
-        (d.partial_dir / f"{digest.split(':')[1]}.oci.part").write_bytes(weights[:half])
+        with d.writer(oci_ingest_ref(digest)) as ingest:  # as a pull broken off half way left it
+            ingest.write(weights[:half])
         result = pull(d, parse_remote(dest))
         assert result.resumed_bytes == half
         assert d.path(digest).read_bytes() == weights
