@@ -328,13 +328,15 @@ class OciClient:
             try:
                 sink.write_at(have, data)
             except StoreError as exc:
-                kept = sink.offset if resumable else 0
-                if not kept:
+                written = sink.offset
+                if written and resumable:
+                    then = f"the {written:,} bytes written are kept for the next pull to resume from"
+                else:
                     sink.truncate(0)
-                then = (f"the {kept:,} bytes written are kept: make room, then run the same pull again to resume"
-                        if kept else "nothing of it was kept")
+                    then = "nothing of it was kept" + ("" if resumable else
+                                                       " (the registry does not serve byte ranges: a pull starts over)")
                 of = f" of {total:,}" if total is not None else ""
-                raise StoreError(f"{self.registry}: download of blob {digest} stopped after {have:,}{of} bytes: "
+                raise StoreError(f"{self.registry}: download of blob {digest} stopped after {written:,}{of} bytes: "
                                  f"{exc}; {then}") from None
             have += len(data)
 

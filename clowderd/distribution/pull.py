@@ -3,12 +3,13 @@
 From a Clowder node (clowder://) blobs come chunk by chunk (chunk_client); from an OCI registry
 whole, by ranged GETs into a store ingest (`<hex>.oci`), which a later pull continues. Blobs the
 store already has are skipped. Before the first byte, the pull checks that the store has room for
-everything it will write (what is missing of each blob, the manifest) and its reserve besides. The
-manifest is stored last, with its digest checked, and then the name: an interrupted pull leaves
-no name and no half blob.
+everything it will write (what is missing of each blob, the manifest) and its reserve besides.
+The manifest's bytes are written first and moved in last, once every blob is in and its digest
+is checked, and then the name: an interrupted pull leaves no name and no half blob.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -67,31 +68,51 @@ def pull(store: ContentStore, ref: RemoteRef, *, name: str | None = None, insecu
         source = chunk_client.ChunkSource(ref.registry, streams)
         try:
             got = source.get_manifest(ref.repository, ref.reference)
-            manifest, remote_digest = got.content, got.digest
-            descs, artifact = _descriptors(manifest, str(ref))
-            _check_space(store, ref, descs, manifest, remote_digest, chunk_client.ingest_ref)
-            result = _pull_blobs(store, descs, progress,
-                                 lambda d, key: chunk_client.pull_blob(store, source, d["digest"], progress, key, limit_rate))
+            manifest, digest = got.content, got.digest
+            result, artifact = _pull_image(
+                store, ref, manifest, digest, progress, chunk_client.ingest_ref,
+                lambda d, key: chunk_client.pull_blob(store, source, d["digest"], progress, key, limit_rate))
         finally:
             source.close()
     else:
         client = OciClient(ref.registry, insecure=insecure, credentials=credentials.get(ref.registry))
         try:
-            manifest, _, remote_digest = client.get_manifest(ref.repository, ref.reference)
-            descs, artifact = _descriptors(manifest, str(ref))
-            _check_space(store, ref, descs, manifest, remote_digest, oci_ingest_ref)
-            result = _pull_blobs(store, descs, progress, lambda d, key: _pull_oci_blob(store, client, ref, d, progress, key))
+            manifest, _, digest = client.get_manifest(ref.repository, ref.reference)
+            result, artifact = _pull_image(store, ref, manifest, digest, progress, oci_ingest_ref,
+                                           lambda d, key: _pull_oci_blob(store, client, ref, d, progress, key))
         finally:
             client.close()
-    if ref.digest and remote_digest != ref.digest:
-        raise DigestMismatch(f"{ref}: the source sent a manifest with digest {remote_digest}")
-    digest = index.add_manifest(manifest, artifact)
-    if digest != remote_digest:
-        raise DigestMismatch(f"{ref}: manifest stored with digest {digest}, the source said {remote_digest}")
+    index.add_manifest(manifest, artifact)
     if name:
         name = index.tag(name, digest)
     result.name, result.digest = name, digest
     return result
+
+
+def _pull_image(store: ContentStore, ref: RemoteRef, manifest: bytes, digest: str, progress: Progress,
+                ingest_ref: Callable[[str], str], pull_one) -> tuple[PullResult, str]:
+    """Check the manifest and the room for the pull, then pull the blobs the store lacks; returns
+    what was pulled and the artifact type. The manifest's bytes are written first, into an ingest
+    that is moved in once the blobs are (needing no more room then) and dropped if the pull fails:
+    no blob is written to be left without the room its manifest needs."""
+    actual = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if actual != digest or (ref.digest and digest != ref.digest):
+        raise DigestMismatch(f"{ref}: the source sent a manifest with digest {actual}, "
+                             f"expected {ref.digest or digest}")
+    descs, artifact = _descriptors(manifest, str(ref))
+    _check_space(store, ref, descs, manifest, digest, ingest_ref)
+    if store.exists(digest):
+        return _pull_blobs(store, descs, progress, pull_one), artifact
+    with store.writer(f"{parse_digest(digest)}.manifest") as held:
+        held.truncate(0)
+        held.write(manifest)
+        try:
+            result = _pull_blobs(store, descs, progress, pull_one)
+        except BaseException:
+            held.abort()
+            raise
+        held.commit(digest)
+    return result, artifact
 
 
 def _missing(store: ContentStore, descs: list[dict]) -> list[dict]:

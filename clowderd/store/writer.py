@@ -85,9 +85,10 @@ class BlobWriter:
 
     def __init__(self, store: ContentStore, ref: str, size: int | None = None, marks: int = 0,
                  marks_key: bytes = b""):
-        """size: the blob's size when it is written at offsets (the file is made that size, its
-        blocks allocated, within the store's reserve); None for bytes written in order. marks:
-        how many resume marks to keep, under marks_key (KEY_SIZE bytes)."""
+        """size: the blob's size when it is written at offsets (the file is made that size and its
+        blocks allocated: the caller has checked the room for it, see ContentStore.check_free_space);
+        None for bytes written in order. marks: how many resume marks to keep, under marks_key
+        (KEY_SIZE bytes)."""
         self.store, self.ref, self.size = store, ref, size
         self._path, self._marks_path = data_path(store, ref), marks_path(store, ref)
         if marks and len(marks_key) != KEY_SIZE:
@@ -138,9 +139,6 @@ class BlobWriter:
 
     def _start_over(self, header: bytes) -> None:
         try:
-            if self.size is not None:
-                allocated = os.fstat(self.fd).st_blocks * 512
-                self.store.check_free_space(max(0, self.size - allocated), f"blob ingest {self.ref}")
             os.ftruncate(self.fd, 0)
             if self.size:
                 os.ftruncate(self.fd, self.size)
