@@ -107,11 +107,15 @@ class BlobWriter:
                 resumable = resumable and old[:_HEADER] == header and len(old) == _HEADER + marks
                 if resumable:
                     self.marks[:] = old[_HEADER:]
-            if not resumable:
-                self._start_over(header)
         except BaseException:
             self.close()
             raise
+        if not resumable:
+            try:
+                self._start_over(header)
+            except BaseException:
+                self.abort()  # a full disk: what fallocate took goes back
+                raise
 
     def _open_locked(self) -> int:
         """The data file, created if need be, under our flock. The lock is taken on the file we
