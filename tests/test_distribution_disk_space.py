@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import resource
-import subprocess
-import sys
 
 import pytest
 
@@ -22,9 +19,8 @@ from clowderd.errors import StoreError
 from clowderd.store.content import DEFAULT_RESERVE_BYTES, ContentStore
 from clowderd.store.images import ImageIndex
 from tests import modelgen
-from tests.clowderd_proc import REPO_ROOT
 from tests.store_fixtures import fill
-from tests.test_distribution_oci import ctl
+from tests.test_distribution_oci import ctl, error_line
 from tests.test_transfer_chunks import MID, build_into
 
 
@@ -71,14 +67,11 @@ def test_a_pull_that_would_eat_the_reserve_is_refused_before_its_first_byte(sour
     ContentStore(data_dir / "store").close()
     fill(fs, leave=DEFAULT_RESERVE_BYTES + needed // 2)  # the blobs would fit; with the reserve, not
 
-    r = ctl(data_dir, "pull", "-q", ref)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    line = error_line(ctl(data_dir, "pull", "-q", ref))
     m = re.fullmatch(rf"error: not enough space in the store at {re.escape(str(data_dir / 'store'))} for pulling "
                      rf"{re.escape(ref)} \(\d+ blobs and the manifest\) \(([0-9,]+) bytes\): ([0-9,]+) bytes are free "
-                     rf"and {DEFAULT_RESERVE_BYTES:,} are kept in reserve", lines[0])
-    assert m, lines[0]
+                     rf"and {DEFAULT_RESERVE_BYTES:,} are kept in reserve", line)
+    assert m, line
     assert int(m.group(1).replace(",", "")) == needed
     assert needed < int(m.group(2).replace(",", "")) < needed + DEFAULT_RESERVE_BYTES  # fits, but not with the reserve
     assert store_is_empty(data_dir)  # not a byte written: no orphan blob, no partial file
@@ -143,18 +136,13 @@ def test_a_disk_error_while_writing_an_oci_blob_is_one_error_line_and_the_next_p
     def limited() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CONFIG_HOME": str(data_dir / "xdg")}
-    r = subprocess.run([sys.executable, "-m", "clowderctl.main", "--data-dir", str(data_dir), "pull", "-q", ref],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120, preexec_fn=limited)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    line = error_line(ctl(data_dir, "pull", "-q", ref, preexec_fn=limited))
     host = ref.split("/")[0]
     m = re.fullmatch(rf"error: {re.escape(host)}: download of blob (sha256:[0-9a-f]{{64}}) stopped after {limit:,} "
                      rf"of [0-9,]+ bytes: cannot write ingest [0-9a-f]{{64}}\.oci in the store at "
                      rf"{re.escape(str(data_dir / 'store'))}: File too large; the {limit:,} bytes written are kept "
-                     "for the next pull to resume from", lines[0])
-    assert m, lines[0]
+                     "for the next pull to resume from", line)
+    assert m, line
 
     r = ctl(data_dir, "pull", "-o", "json", ref)
     assert r.returncode == 0, r.stderr

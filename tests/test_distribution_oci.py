@@ -25,10 +25,19 @@ def registry(tmp_path_factory):
     reg.stop()
 
 
-def ctl(data_dir, *args, env=None, input=None):
+def ctl(data_dir, *args, env=None, input=None, preexec_fn=None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CONFIG_HOME": str(data_dir / "xdg"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "clowderctl.main", "--data-dir", str(data_dir), *args],
-                          capture_output=True, text=True, env=full_env, input=input, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, env=full_env, input=input, cwd=REPO_ROOT, timeout=120,
+                          preexec_fn=preexec_fn)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """The one line a failed clowderctl command printed: exit status 1, no traceback."""
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
 
 
 def build_tiny(data_dir, model_dir, tag="tiny:v1"):

@@ -162,6 +162,12 @@ class WindowAssembly:
             i += 1
         self.cond.notify_all()
 
+    def wait_marked(self, seen: int, timeout: float) -> int:
+        """`marked` once it differs from seen, or after timeout."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.marked != seen, timeout)
+            return self.marked
+
     # -- the two threads ----------------------------------------------------------------------
     def _guard(self, fn) -> None:
         try:
