@@ -22,8 +22,8 @@ from clowderd.distribution.progress import Progress
 from clowderd.distribution.refs import RemoteRef
 from clowderd.errors import DigestMismatch, InvalidInput
 from clowderd.store.content import ContentStore, parse_digest
-from clowderd.store.writer import BlobWriter
 from clowderd.store.images import ImageIndex, referenced_digests
+from clowderd.store.writer import BlobWriter
 
 
 @dataclass
@@ -142,11 +142,8 @@ def _check_space(store: ContentStore, ref: RemoteRef, descs: list[dict], manifes
 def _pull_blobs(store: ContentStore, descs: list[dict], progress: Progress, pull_one) -> PullResult:
     result = PullResult(None, "", len(descs), 0, 0, 0, 0, 0)
     for d in _missing(store, descs):
-        digest = d["digest"]
-        if store.exists(digest):  # a blob listed twice under other descriptors, pulled above
-            continue
-        key = digest
-        label = (d.get("annotations") or {}).get("org.cncf.model.filepath") or d.get("mediaType", "") or digest[:19]
+        key = d["digest"]
+        label = (d.get("annotations") or {}).get("org.cncf.model.filepath") or d.get("mediaType", "") or key[:19]
         progress.start(key, label, int(d.get("size", 0)))
         stats = pull_one(d, key)
         result.pulled_blobs += 1
@@ -172,7 +169,7 @@ def _pull_oci_blob(store: ContentStore, client: OciClient, ref: RemoteRef, d: di
         progress.advance(key, n)
 
     with store.writer(oci_ingest_ref(digest)) as ingest:
-        resumed = min(ingest.offset, size)
+        resumed = ingest.offset if ingest.offset <= size else 0  # (a longer one is started over)
         progress.advance(key, resumed)
         try:
             client.download_blob(ref.repository, digest, ingest, size, advance)

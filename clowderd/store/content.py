@@ -201,9 +201,7 @@ class ContentStore:
                         shutil.rmtree(entry)
                     else:
                         entry.unlink()
-                except FileNotFoundError:
-                    continue
-                except OSError:  # not ours to remove (another user's file): gc will say so
+                except OSError:  # gone already, or not ours to remove (another user's): gc will say
                     continue
                 removed.append(entry.name)
             return removed

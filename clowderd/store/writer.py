@@ -4,7 +4,7 @@ After containerd's content Writer. A caller opens an ingest by a ref it chooses 
 writing: a pull of one blob, an upload session); opened again with the same ref, after a failure
 or a restart, it finds what was written. It writes at offsets, then commits with the expected
 digest (the store checks it as it moves the file in) or aborts. The files live under the store's
-partial/ directory, which only this module names:
+partial/ directory, which callers outside the store never name:
 
     partial/<ref>.part   the bytes (for an ingest of a known size: that size, allocated up front)
     partial/<ref>.done   resume marks, for an ingest that asks for them:
