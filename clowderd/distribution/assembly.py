@@ -114,6 +114,8 @@ class WindowAssembly:
         for w, off, n in self._pieces(start, end):
             piece = view[off - start : off - start + n]
             with self.cond:
+                if self.stopped:  # a failed pull: nothing more goes into the file
+                    raise self.error or TransferError(f"{self.label}: the assembly was stopped")
                 if w < self.next_window or n > self.need[w]:
                     raise TransferError(f"{self.label}: bytes at offset {off} arrived twice")
                 buf = None
