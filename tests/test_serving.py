@@ -9,7 +9,7 @@ import time
 
 import openai
 
-from tests.cluster_fixtures import token_file, wait_for
+from tests.cluster_fixtures import start_node, wait_for
 from tests.test_controller_deployments import start_controller
 from tests.worker_fixtures import build_chat_image
 
@@ -47,9 +47,7 @@ def test_no_call_fails_while_the_controller_is_killed_and_restarted(clowderd, tm
     data = tmp_path_factory.mktemp("controller") / "data"
     build_chat_image(data / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
     controller = start_controller(clowderd, data, args=["--deploy", "chat=tiny-chat:v1"])
-    address = controller.addresses["controller"]
-    joining = {"controller": address, "join_token_file": str(token_file(controller))}
-    lb = clowderd(roles=("worker", "lb"), config_extra={"node_name": "w1", "worker": joining, "lb": joining})
+    lb = start_node(clowderd, controller, "w1", ("worker", "lb"))
     client = lb_client(lb)
     wait_for("the deployment answers through the lb", lambda: answers(client, "chat"), timeout=120)
 
@@ -67,7 +65,9 @@ def test_no_call_fails_while_the_controller_is_killed_and_restarted(clowderd, tm
         controller.send_signal(signal.SIGKILL)
         controller.wait()
         time.sleep(1.0)
-        start_controller(clowderd, data, **{r: {"listen": controller.addresses[r]} for r in ("controller", "storage")})
+        start_controller(clowderd, data, controller={"listen": controller.addresses["controller"],
+                                                     "cluster_listen": controller.addresses["cluster"]},
+                         storage={"listen": controller.addresses["storage"]})
         time.sleep(1.5)
     finally:
         stop.set()

@@ -1,7 +1,9 @@
 """The controller's desired and observed state: one SQLite database (WAL) in its data directory.
 
-- nodes: who joined (id, name, credential digest), how to reach them, what they last reported
-  (description, inventory, replicas, heartbeat time) and what the admin set (labels, cordon, drain);
+- nodes: who joined (id, name), how to reach them, what they last reported (description, inventory,
+  replicas, heartbeat time) and what the admin set (labels, cordon, drain);
+- certificates: every certificate the cluster CA issued to a node (serial, node, roles, end), and
+  whether it was revoked;
 - secrets: digests of the join and admin tokens;
 - events: append-only, the newest EVENTS_KEPT kept;
 - deployments and replicas: what users asked for, and the replicas placed on nodes with what the
@@ -106,6 +108,18 @@ ALTER TABLE replicas ADD COLUMN terminating_since REAL NOT NULL DEFAULT 0;  -- r
 ALTER TABLE replicas ADD COLUMN terminating_reason TEXT NOT NULL DEFAULT '';
 """, """
 ALTER TABLE replicas ADD COLUMN terminating_grace REAL NOT NULL DEFAULT 0;  -- seconds to finish calls; 0: default
+""", """
+CREATE TABLE certificates (
+    serial     TEXT PRIMARY KEY,           -- hex
+    node_id    TEXT NOT NULL,              -- kept after the node's record is gone (revoked)
+    node_name  TEXT NOT NULL,
+    roles      TEXT NOT NULL,              -- role names, comma-separated
+    issued_at  REAL NOT NULL,
+    not_after  REAL NOT NULL,
+    revoked_at REAL NOT NULL DEFAULT 0     -- 0: not revoked
+);
+CREATE INDEX certificates_by_node ON certificates (node_id);
+ALTER TABLE nodes DROP COLUMN credential_sha256;  -- nodes are who their certificates say
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -283,56 +297,103 @@ class ClusterState:
 
     # -- nodes: membership ------------------------------------------------------------------------
 
-    def node_credential(self, node_id: str) -> str | None:
-        """The digest of the node's credential; None for an unknown node."""
-        row = self._conn.execute("SELECT credential_sha256 FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        return None if row is None else row[0]
-
-    def register_node(self, info: common_pb2.NodeInfo, worker_address: str, credential_sha256: str,
-                      now: float) -> NodeRecord:
-        """A node that joined with the join token. A new node, unless an unreachable node has its name:
-        then that node, with the new credential (a reinstalled machine keeps its id, labels and
-        cordon). AlreadyExists when a ready node has the name."""
+    def enroll_node(self, info: common_pb2.NodeInfo, now: float) -> tuple[NodeRecord, list[str]]:
+        """A node that joined with the join token, and the serials of certificates this revoked. A new node,
+        unless an unreachable node has its name: then that node (a reinstalled machine keeps its id,
+        labels and cordon), whose earlier certificates are revoked (their key is gone with the machine, or
+        in other hands). AlreadyExists when a ready node has the name."""
         with self._write() as db:
             row = db.execute("SELECT id, state FROM nodes WHERE name = ?", (info.name,)).fetchone()
             if row is not None and row["state"] == READY:
                 raise AlreadyExists(f"node name {info.name!r} is taken by node {row['id']}, which is heartbeating; "
                                     "give this node another name (node_name in its clowderd.toml)")
-            columns = self._reported_columns(info, worker_address)
+            columns = self._reported_columns(info, "")
+            revoked: list[str] = []
             if row is None:
                 node_id = f"node-{secrets.token_hex(6)}"
                 db.execute(
-                    "INSERT INTO nodes (id, name, credential_sha256, roles, worker_address, info, inventory, "
-                    "reported_replicas, labels, state, state_since, joined_at, last_heartbeat) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
-                    (node_id, info.name, credential_sha256, *columns, READY, now, now, now))
+                    "INSERT INTO nodes (id, name, roles, worker_address, info, inventory, reported_replicas, "
+                    "labels, state, state_since, joined_at, last_heartbeat) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
+                    (node_id, info.name, *columns, READY, now, now, now))
                 message = f"node {info.name} joined as {node_id}"
             else:
                 node_id = row["id"]
-                db.execute("UPDATE nodes SET credential_sha256 = ?, roles = ?, worker_address = ?, info = ?, "
-                           "inventory = ?, reported_replicas = '[]', state = ?, state_since = ?, joined_at = ?, "
-                           "last_heartbeat = ? WHERE id = ?",
-                           (credential_sha256, *columns, READY, now, now, now, node_id))
+                db.execute("UPDATE nodes SET roles = ?, worker_address = ?, info = ?, inventory = ?, "
+                           "reported_replicas = '[]', state = ?, state_since = ?, joined_at = ?, last_heartbeat = ? "
+                           "WHERE id = ?", (*columns, READY, now, now, now, node_id))
+                revoked = self._revoke_certificates(node_id, now)
                 message = (f"node {info.name} joined with the join token and took over node {node_id}, which was "
-                           "unreachable")
+                           f"unreachable ({len(revoked)} earlier certificate(s) revoked)")
             self._event(NORMAL, "NodeJoined", "Node", info.name, message, now, info.name)
-        return self.node(node_id)
+        return self.node(node_id), revoked
 
-    def rejoin_node(self, node_id: str, info: common_pb2.NodeInfo, worker_address: str, now: float) -> NodeRecord:
-        """A node joined again with its credential: its description is updated and it is ready."""
+    def register_node(self, node_id: str, info: common_pb2.NodeInfo, worker_address: str, now: float) -> NodeRecord:
+        """A member (re)announced itself after a start or a broken session: its description is updated and it
+        is ready. A member whose record is gone (the controller's state was reset) gets one again.
+        AlreadyExists when another node has the name."""
         with self._write() as db:
             row = db.execute("SELECT name, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"node {node_id} is not a member of this cluster")
             other = db.execute("SELECT id FROM nodes WHERE name = ? AND id != ?", (info.name, node_id)).fetchone()
             if other is not None:
                 raise AlreadyExists(f"node {node_id} cannot take the name {info.name!r}: node {other['id']} has it")
+            columns = self._reported_columns(info, worker_address)
+            if row is None:
+                db.execute(
+                    "INSERT INTO nodes (id, name, roles, worker_address, info, inventory, reported_replicas, "
+                    "labels, state, state_since, joined_at, last_heartbeat) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
+                    (node_id, info.name, *columns, READY, now, now, now))
+                self._event(NORMAL, "NodeRegistered", "Node", info.name,
+                            f"node {info.name} ({node_id}) registered with its certificate", now, info.name)
+                return self.node(node_id)
             db.execute("UPDATE nodes SET name = ?, roles = ?, worker_address = ?, info = ?, inventory = ?, "
-                       "last_heartbeat = ? WHERE id = ?",
-                       (info.name, *self._reported_columns(info, worker_address), now, node_id))
+                       "last_heartbeat = ? WHERE id = ?", (info.name, *columns, now, node_id))
             if row["state"] != READY:
                 self._set_ready(node_id, info.name, now)
         return self.node(node_id)
+
+    # -- certificates -----------------------------------------------------------------------------
+
+    def record_certificate(self, serial: str, node_id: str, node_name: str, roles: Sequence[str], not_after: float,
+                           now: float) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO certificates (serial, node_id, node_name, roles, issued_at, not_after) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (serial, node_id, node_name, ",".join(roles), now, not_after))
+
+    def certificate_roles(self, node_id: str, now: float) -> set[str]:
+        """The roles of the node's certificates that are neither revoked nor expired."""
+        rows = self._conn.execute("SELECT roles FROM certificates WHERE node_id = ? AND revoked_at = 0 AND "
+                                  "not_after > ?", (node_id, now))
+        return {role for row in rows for role in row[0].split(",") if role}
+
+    def revoked_serials(self, now: float) -> list[str]:
+        """Serials of the revoked certificates that have not expired (an expired one is refused anyway)."""
+        rows = self._conn.execute("SELECT serial FROM certificates WHERE revoked_at > 0 AND not_after > ? "
+                                  "ORDER BY serial", (now,))
+        return [row[0] for row in rows]
+
+    def _revoke_certificates(self, node_id: str, now: float) -> list[str]:
+        rows = self._conn.execute("SELECT serial FROM certificates WHERE node_id = ? AND revoked_at = 0 AND "
+                                  "not_after > ?", (node_id, now)).fetchall()
+        self._conn.execute("UPDATE certificates SET revoked_at = ? WHERE node_id = ? AND revoked_at = 0",
+                           (now, node_id))
+        return [row[0] for row in rows]
+
+    def revoke_node(self, name: str, now: float) -> tuple[NodeRecord, list[str]]:
+        """End a node's membership: revoke its certificates, put its replicas back to be placed elsewhere
+        (those terminating there are gone), remove its record. The node as it was, and the serials revoked."""
+        with self._write() as db:
+            node = self.node_by_name(name)
+            serials = self._revoke_certificates(node.id, now)
+            db.execute("DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0", (node.id,))
+            db.execute("UPDATE replicas SET node_id = NULL, memory = 0, gpu_memory = '{}', observed_state = '', "
+                       "observed_message = '', observed_generation = 0 WHERE node_id = ?", (node.id,))
+            db.execute("DELETE FROM nodes WHERE id = ?", (node.id,))
+            self._event(WARNING, "NodeRevoked", "Node", name,
+                        f"node {name} ({node.id}) was revoked: {len(serials)} certificate(s) refused from now on, its "
+                        "replicas go elsewhere; it can come back only by joining with the join token", now, name)
+        return node, serials
 
     @staticmethod
     def _reported_columns(info: common_pb2.NodeInfo, worker_address: str) -> tuple[str, str, str, str]:
@@ -351,7 +412,8 @@ class ClusterState:
                          stored_manifests: Sequence[str] = ()) -> bool | None:
         """Store what the node reported; an unreachable node is ready again. None for an unknown node, else
         whether the scheduler has news: a replica's state, message or generation changed, or the node is
-        back. A replica of the node that became READY or FAILED gets an event."""
+        back. A replica of the node that became READY or FAILED gets an event. One reported STOPPED while
+        still assigned (nobody the controller knows of asked) is FAILED, with a ReplicaLost event."""
         with self._write() as db:
             row = db.execute("SELECT name, state, reported_replicas FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
@@ -363,8 +425,8 @@ class ClusterState:
                        (_to_json(inventory), json.dumps(reported, separators=(",", ":")),
                         json.dumps(sorted(stored_manifests)), now, node_id))
             placed = {r["id"]: r for r in db.execute(
-                "SELECT id, deployment, observed_state, observed_generation FROM replicas WHERE node_id = ?",
-                (node_id,))}
+                "SELECT id, deployment, observed_state, observed_generation, terminating_since FROM replicas "
+                "WHERE node_id = ?", (node_id,))}
             news = False
             for status, as_dict in zip(replicas, reported):
                 seen = before.get(status.replica_id, {})
@@ -373,14 +435,25 @@ class ClusterState:
                 if old is None:
                     continue
                 state = common_pb2.ReplicaState.Name(status.state).removeprefix("REPLICA_STATE_")
+                message = status.message
+                lost = state == "STOPPED" and not old["terminating_since"]
+                if lost:
+                    # Still assigned, yet stopped: nobody the controller knows of asked. A failure to heal
+                    # like any other (reconcile.py restarts it).
+                    state, message = "FAILED", (f"stopped on node {row['name']} without the controller asking"
+                                                + (f" ({status.message})" if status.message else ""))
                 db.execute("UPDATE replicas SET observed_state = ?, observed_message = ?, observed_generation = ?, "
                            "observed_at = ? WHERE id = ?",
-                           (state, status.message, status.observed_generation, now, status.replica_id))
-                if state in ("READY", "FAILED") and (old["observed_state"], old["observed_generation"]) != (
-                        state, status.observed_generation):
+                           (state, message, status.observed_generation, now, status.replica_id))
+                if (old["observed_state"], old["observed_generation"]) == (state, status.observed_generation):
+                    continue
+                if lost:
+                    self._event(WARNING, "ReplicaLost", "Deployment", old["deployment"],
+                                f"replica {status.replica_id}: {message}; it is started again", now, row["name"])
+                elif state in ("READY", "FAILED"):
                     self._event(NORMAL if state == "READY" else WARNING, f"Replica{state.title()}", "Deployment",
                                 old["deployment"], f"replica {status.replica_id} is {state} on node {row['name']}"
-                                + (f": {status.message}" if status.message else ""), now, row["name"])
+                                + (f": {message}" if message else ""), now, row["name"])
             news |= len(before) != len(reported)
             gone = db.execute(f"DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0 AND id NOT IN "
                               f"({','.join('?' * len(replicas))})", (node_id, *(r.replica_id for r in replicas)))
@@ -389,6 +462,15 @@ class ClusterState:
                 self._set_ready(node_id, row["name"], now)
                 news = True
         return news
+
+    def unassigned_replicas(self, node_id: str, reported: Sequence[str]) -> list[str]:
+        """Which of the replicas a node reported are not assigned to it (no row places them there)."""
+        if not reported:
+            return []
+        marks = ",".join("?" * len(reported))
+        placed = {row[0] for row in self._conn.execute(
+            f"SELECT id FROM replicas WHERE node_id = ? AND id IN ({marks})", (node_id, *reported))}
+        return sorted(set(reported) - placed)
 
     def mark_unreachable(self, silent_since: float, now: float, grace: float) -> list[str]:
         """Mark unreachable every ready node with no heartbeat since `silent_since`; their names."""

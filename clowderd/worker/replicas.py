@@ -32,6 +32,7 @@ from clowderd.errors import ClowderError, InvalidInput, NotFound
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from clowderd.store.views import ViewManager
+from clowderd.trust.dial import Dialer
 from clowderd.worker import images
 from clowderd.worker.engines import BaseKey, EnginePool, EpLayer, SharedEngine
 
@@ -143,9 +144,10 @@ def failure_reason(replica: Replica, error: BaseException) -> str:
 
 
 class ReplicaManager:
-    def __init__(self, store: ContentStore, pull_from: str):
+    def __init__(self, store: ContentStore, pull_from: str, dialer: Dialer):
         self.store = store
         self.pull_from = pull_from
+        self.dialer = dialer  # how pulls reach storage nodes
         self.views = ViewManager(store, ImageIndex(store))
         self.engines = EnginePool(self.views)
         self.replicas: dict[str, Replica] = {}
@@ -235,7 +237,7 @@ class ReplicaManager:
         digest = await asyncio.to_thread(images.local_manifest, self.store, spec)
         if digest is None:
             replica.set_state(S.REPLICA_STATE_PULLING, f"pulling {describe_image(replica)}")
-            digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from)
+            digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from, self.dialer)
         replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
         view = await asyncio.to_thread(self._create_view, replica.id, digest)
         replica.view = replica.id
