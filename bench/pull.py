@@ -3,10 +3,12 @@
     python bench/pull.py [--preset bench_1b|smollm2_135m|tiny] [--streams 4] [--workdir DIR] [--kills 5]
 
 A generated llama-shaped model (1.54 GB for bench_1b) and a fine-tune of it (write_variant, 10% of
-tensors changed) are built into the store of a clowderd storage node (node A). The base is also
-pushed to Debian's docker-registry. Every transfer runs over loopback, reading from the page cache:
-- clowder pull: `clowderctl pull clowder://A/bench:base` into an empty data dir (a new process:
-                gRPC chunk streams, BLAKE3 per chunk, assembly, sha256 + chunk index on ingest)
+tensors changed) are built into the store of a clowderd with the controller and storage roles (node A),
+whose chunk API takes only certificates of its cluster. The base is also pushed to Debian's
+docker-registry. Every transfer runs over loopback, reading from the page cache:
+- clowder pull: `clowderctl pull clowder://A/bench:base` into an empty data dir (a new process: an admin
+                certificate for the admin token, then gRPC chunk streams over mutual TLS, BLAKE3 per
+                chunk, assembly, sha256 + chunk index on ingest)
 - skopeo copy:  `skopeo copy docker://REGISTRY/bench:base dir:DIR` (every layer of the same image)
 - curl:         `curl -o FILE` of the big weights blob alone from the registry (the ceiling)
 Each of the three runs --repeat times, in turn, each run into a fresh directory after an untimed
@@ -117,10 +119,14 @@ def main() -> None:
         print(f"generating {args.preset} and a variant in {work} ...", flush=True)
         base = modelgen.write_llama(work / "models" / "base", **PRESETS[args.preset])
         modelgen.write_variant(base, work / "models" / "variant", change_fraction=0.1)
-        cfg = _default_config(work / "node-a", ("storage",))
+        roles = ("controller", "storage")
+        cfg = _default_config(work / "node-a", roles)
         (work / "node-a").mkdir()
-        node = ClowderdProcess(work / "node-a", cfg, ("storage",))
+        node = ClowderdProcess(work / "node-a", cfg, roles)
         node.wait_ready()
+        # clowderctl pulls as an admin: the certificate it gets for the admin token opens the chunk API.
+        ENV.update(CLOWDER_CONTROLLER=node.addresses["controller"],
+                   CLOWDER_TOKEN=(node.data_dir / "controller" / "admin-token").read_text().strip())
         store = ContentStore(node.data_dir / "store")
         build_into(store, base, "bench:base")
         build_into(store, work / "models" / "variant", "bench:variant")
