@@ -240,6 +240,18 @@ def test_generate_on_a_replica_not_ready_is_unavailable_with_its_state(worker):
     assert "FAILED" in e.value.details() and "nosuch" in e.value.details()
 
 
+def test_complete_answers_in_one_message_what_generate_streams(worker, ready):
+    streamed = worker.generate(ready, "Hello", max_tokens=12)
+    whole = worker.stub.Complete(chat_request(ready, "Hello", max_tokens=12), timeout=30)
+    assert whole.text == text_of(streamed) and whole.text
+    assert whole.finish_reason == streamed[-1].finish_reason
+    assert whole.usage == next(r.usage for r in streamed if r.HasField("usage"))
+    assert whole.HasField("queue_time")
+    with pytest.raises(grpc.RpcError) as e:
+        worker.stub.Complete(chat_request("nobody-0", "Hello"), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_an_adapter_selected_by_digest_answers_differently_from_the_base(worker, ready):
     image = worker.images["chat"]
     base = text_of(worker.generate(ready, "Bonjour", max_tokens=12, adapter_digest=image.model_digest))

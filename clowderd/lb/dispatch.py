@@ -181,7 +181,7 @@ class Dispatcher:
             sent = False
             endpoint.outstanding += 1
             try:
-                stream = self.workers.generate(endpoint, request)
+                stream = self.workers.generate(endpoint, request, call.stream)
                 async with contextlib.aclosing(stream):
                     while True:
                         t0 = time.perf_counter()

@@ -71,9 +71,10 @@ class Workers:
             channel = self._channels[address] = self.dialer.aio_channel(address, "worker")
         return worker_pb2_grpc.WorkerStub(channel)
 
-    async def generate(self, endpoint: Endpoint,
-                       request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """The worker's responses; raises UpstreamError. Closing the iterator early cancels the call."""
+    async def generate(self, endpoint: Endpoint, request: worker_pb2.GenerateRequest,
+                       stream: bool = True) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """The worker's responses; raises UpstreamError. Closing the iterator early cancels the call.
+        stream False: one response with the whole choice (Worker.Complete), for a caller that waits for it."""
         if self.local is not None and endpoint.node_name == self.local[0]:
             service = self._worker_service
             try:
@@ -82,7 +83,14 @@ class Workers:
             except service.HANDLED as e:
                 raise UpstreamError(service.status_code(e), str(e)) from None
             return
-        call = self._stub(endpoint.worker_address).Generate(request)
+        stub = self._stub(endpoint.worker_address)
+        if not stream:
+            try:
+                yield await stub.Complete(request)
+            except grpc.aio.AioRpcError as e:
+                raise UpstreamError(e.code(), e.details() or e.code().name) from None
+            return
+        call = stub.Generate(request)
         try:
             async for response in call:
                 yield response

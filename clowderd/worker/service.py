@@ -7,6 +7,7 @@ replica is unloaded (engine hosts exit, views are removed), then the store is cl
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
@@ -82,6 +83,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except HANDLED as e:
             await context.abort(status_code(e), str(e))
 
+    async def Complete(self, request: worker_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> worker_pb2.GenerateResponse:
+        try:
+            return await complete_response(self.replicas, request)
+        except HANDLED as e:
+            await context.abort(status_code(e), str(e))
+
 
 async def generate_responses(replicas: ReplicaManager,
                              request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -106,6 +114,24 @@ async def generate_responses(replicas: ReplicaManager,
         yield out
 
 
+async def complete_response(replicas: ReplicaManager, request: worker_pb2.GenerateRequest) -> worker_pb2.GenerateResponse:
+    """Worker.Complete's answer: Generate's messages as one (their text joined, the last finish reason and
+    usage, the first queue time). Raises the errors of STATUS_CODES."""
+    whole = worker_pb2.GenerateResponse(index=0)
+    texts = []
+    async with contextlib.aclosing(generate_responses(replicas, request)) as responses:
+        async for out in responses:
+            texts.append(out.text)
+            if out.HasField("queue_time"):
+                whole.queue_time.CopyFrom(out.queue_time)
+            if out.finish_reason:
+                whole.finish_reason = out.finish_reason
+            if out.HasField("usage"):
+                whole.usage.CopyFrom(out.usage)
+    whole.text = "".join(texts)
+    return whole
+
+
 def register(server: grpc.aio.Server, process: "Process") -> None:
     """Add the worker role's services to its server, and its part to the node's membership session."""
     config = process.config
@@ -115,7 +141,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     # Generation is the lb's (the middleware chain runs there; an lb in this process calls the replicas
     # directly); what runs where is the controller's.
-    process.allow("worker", "clowder.v1.Worker", {"Generate": ("lb",), "LoadReplica": ("controller",),
+    process.allow("worker", "clowder.v1.Worker", {"Generate": ("lb",), "Complete": ("lb",), "LoadReplica": ("controller",),
                                                   "UnloadReplica": ("controller",),
                                                   "ListReplicas": ("controller", "lb", "admin")})
     process.local_replicas = replicas  # an lb in this process calls them without a network hop
