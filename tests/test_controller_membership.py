@@ -177,6 +177,23 @@ def test_a_controller_restart_keeps_the_nodes_and_workers_reconnect(clowderd):
     assert worker.stop() == 0 and restarted.stop() == 0
 
 
+def test_a_node_finds_the_cluster_listener_again_when_it_moved(clowderd):
+    controller = start_controller(clowderd)
+    worker = start_worker(clowderd, controller, "w1")
+    ready(controller, "w1")
+    assert controller.stop() == 0
+    moved = start_controller(clowderd, data_dir=str(controller.data_dir),
+                             controller={"listen": controller.addresses["controller"]})  # a new cluster port
+    assert moved.addresses["cluster"] != controller.addresses["cluster"]
+    back = time.time()
+    wait_for("a heartbeat at the new address", lambda: (r := nodes(moved).get("w1")) and seconds(
+        r["last_heartbeat"]) > back)
+    assert worker.identity().cluster_address == moved.addresses["cluster"]  # kept for the next start
+    assert [(r["from"], r["to"]) for r in worker.log_records() if r["msg"] == "the controller's cluster listener "
+            "moved"] == [(controller.addresses["cluster"], moved.addresses["cluster"])]
+    assert worker.stop() == 0 and moved.stop() == 0
+
+
 def test_a_controller_that_lost_its_database_gets_its_nodes_back_by_their_certificates(clowderd):
     controller = start_controller(clowderd)
     worker = start_worker(clowderd, controller, "w1")
