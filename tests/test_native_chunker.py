@@ -110,6 +110,20 @@ def test_threads_identical_for_random_data_and_cuts(seed, size, threads):
     assert _native.chunk(data, cuts, threads=threads, **SMALL) == _native.chunk(data, cuts, threads=1, **SMALL)
 
 
+@pytest.mark.parametrize("kernel", _native.BLAKE3_KERNELS)
+def test_chunk_ids_are_the_same_with_every_blake3_kernel(kernel):
+    data = bf16_like(2 << 20, seed=4)
+    cuts = [5, 100_000, 100_001, 1 << 20]  # a one-byte chunk and chunks of every size class
+    want = _native.chunk(data, cuts, threads=1)
+    previous = _native.blake3_use_kernel(kernel)
+    try:
+        got = _native.chunk(data, cuts, threads=2)
+    finally:
+        _native.blake3_use_kernel(previous)
+    assert got == want
+    assert_well_formed(data, got, cuts)
+
+
 def test_chunk_accepts_bytearray_and_memoryview():
     data = bf16_like(1 << 20)
     ref = _native.chunk(data)
