@@ -30,14 +30,14 @@ __attribute__((target(LANES_TARGET))) static void LANES_NAME(const uint8_t *in, 
     for (size_t b = 0; b < blocks; b++) {
         /* Word w of every lane's block, as one vector: 16 / LANES transposes of LANES x LANES words. */
         VEC m[16];
+        /* LANES streams a chunk apart defeat the hardware prefetcher; the next batch's inputs start
+         * LANES * stride on, and asking for their block b now has them in cache by the time that batch
+         * runs (a prefetch past the end of the input is harmless). */
+        for (int i = 0; i < LANES; i++)
+            _mm_prefetch((const char *)src[i] + LANES * stride + b * BLOCK_LEN, _MM_HINT_T0);
         for (int q = 0; q < 16 / LANES; q++) {
-            for (int i = 0; i < LANES; i++) {
-                /* Streams a chunk apart defeat the hardware prefetcher: ask for each a few blocks
-                 * ahead (a prefetch past the end of the input is harmless). */
-                _mm_prefetch((const char *)src[i] + b * BLOCK_LEN + 256, _MM_HINT_T0);
-                _mm_prefetch((const char *)src[i] + LANES * stride + b * BLOCK_LEN + q * LANES * 4, _MM_HINT_T0);
+            for (int i = 0; i < LANES; i++)
                 memcpy(&m[q * LANES + i], src[i] + b * BLOCK_LEN + q * LANES * 4, sizeof(VEC));
-            }
             TRANSPOSE((&m[q * LANES]));
         }
         uint32_t f = flags | (b == 0 ? start_flags : 0) | (b + 1 == blocks ? end_flags : 0);
