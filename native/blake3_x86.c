@@ -43,54 +43,49 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 /* ---- transposes: v[i] word j <-> v[j] word i ---------------------------------------------- */
 
+/* The first two steps of every width: within each 128-bit lane, each group of 4 rows r[k..k+3] is
+ * transposed as 4x4 words, so that out[k + j], lane L, holds word 4L + j of rows k..k+3. T is the
+ * vector type, U the intrinsics' prefix (_mm, _mm256, _mm512), n the number of rows. */
+#define TRANSPOSE_4X4_IN_LANES(T, U, r, out, n)                                                \
+    do {                                                                                       \
+        T a_[n];                                                                               \
+        for (int i_ = 0; i_ < (n); i_ += 2) {                                                  \
+            a_[i_] = U##_unpacklo_epi32((T)r[i_], (T)r[i_ + 1]);                               \
+            a_[i_ + 1] = U##_unpackhi_epi32((T)r[i_], (T)r[i_ + 1]);                           \
+        }                                                                                      \
+        for (int i_ = 0; i_ < (n); i_ += 4) {                                                  \
+            out[i_] = U##_unpacklo_epi64(a_[i_], a_[i_ + 2]);                                  \
+            out[i_ + 1] = U##_unpackhi_epi64(a_[i_], a_[i_ + 2]);                              \
+            out[i_ + 2] = U##_unpacklo_epi64(a_[i_ + 1], a_[i_ + 3]);                          \
+            out[i_ + 3] = U##_unpackhi_epi64(a_[i_ + 1], a_[i_ + 3]);                          \
+        }                                                                                      \
+    } while (0)
+
 __attribute__((target("sse4.1"))) static inline void transpose4(u32x4 v[4])
 {
-    __m128i a0 = _mm_unpacklo_epi32((__m128i)v[0], (__m128i)v[1]); /* 00 10 01 11 */
-    __m128i a1 = _mm_unpackhi_epi32((__m128i)v[0], (__m128i)v[1]); /* 02 12 03 13 */
-    __m128i a2 = _mm_unpacklo_epi32((__m128i)v[2], (__m128i)v[3]);
-    __m128i a3 = _mm_unpackhi_epi32((__m128i)v[2], (__m128i)v[3]);
-    v[0] = (u32x4)_mm_unpacklo_epi64(a0, a2);
-    v[1] = (u32x4)_mm_unpackhi_epi64(a0, a2);
-    v[2] = (u32x4)_mm_unpacklo_epi64(a1, a3);
-    v[3] = (u32x4)_mm_unpackhi_epi64(a1, a3);
+    __m128i b[4];
+    TRANSPOSE_4X4_IN_LANES(__m128i, _mm, v, b, 4);
+    for (int j = 0; j < 4; j++)
+        v[j] = (u32x4)b[j];
 }
 
-/* Each 128-bit half as transpose4, then the halves swapped across rows 0-3 and 4-7. */
+/* b[j] holds word j of rows 0-3 (low half) and word 4+j (high half); b[4+j] the same of rows 4-7. */
 __attribute__((target("avx2"))) static inline void transpose8(u32x8 v[8])
 {
-    __m256i a[8], b[8];
-    for (int i = 0; i < 8; i += 2) {
-        a[i] = _mm256_unpacklo_epi32((__m256i)v[i], (__m256i)v[i + 1]);
-        a[i + 1] = _mm256_unpackhi_epi32((__m256i)v[i], (__m256i)v[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    /* b[j] holds word j of rows 0-3 (low half) and word 4+j (high half); b[4+j] the same of rows 4-7. */
+    __m256i b[8];
+    TRANSPOSE_4X4_IN_LANES(__m256i, _mm256, v, b, 8);
     for (int j = 0; j < 4; j++) {
         v[j] = (u32x8)_mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
         v[4 + j] = (u32x8)_mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
     }
 }
 
+/* b[4i+j], 128-bit lane L, holds word 4L+j of rows 4i..4i+3: gather lane L of b[j], b[4+j], b[8+j],
+ * b[12+j] into word 4L+j. */
 __attribute__((target("avx512f"))) static inline void transpose16(u32x16 v[16])
 {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_epi32((__m512i)v[i], (__m512i)v[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32((__m512i)v[i], (__m512i)v[i + 1]);
-    }
-    /* b[4i+j], 128-bit lane L, holds word 4L+j of rows 4i..4i+3. */
-    for (int i = 0; i < 16; i += 4) {
-        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    /* Gather lane L of b[j], b[4+j], b[8+j], b[12+j] into word 4L+j. */
+    __m512i b[16];
+    TRANSPOSE_4X4_IN_LANES(__m512i, _mm512, v, b, 16);
     for (int j = 0; j < 4; j++) {
         __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88); /* lanes 0,2 | 0,2 */
         __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
