@@ -22,14 +22,14 @@ __attribute__((target(ROWS_TARGET))) static void ROWS_NAME(const uint32_t cv[8],
         const uint8_t *s = BLAKE3_SCHEDULE[r];
         B3_G(row0, row1, row2, row3, ((u32x4){m[s[0]], m[s[2]], m[s[4]], m[s[6]]}),
              ((u32x4){m[s[1]], m[s[3]], m[s[5]], m[s[7]]}), ROTR);
-        row1 = __builtin_shuffle(row1, (u32x4){1, 2, 3, 0});
-        row2 = __builtin_shuffle(row2, (u32x4){2, 3, 0, 1});
-        row3 = __builtin_shuffle(row3, (u32x4){3, 0, 1, 2});
+        row1 = (u32x4)_mm_shuffle_epi32((__m128i)row1, _MM_SHUFFLE(0, 3, 2, 1));
+        row2 = (u32x4)_mm_shuffle_epi32((__m128i)row2, _MM_SHUFFLE(1, 0, 3, 2));
+        row3 = (u32x4)_mm_shuffle_epi32((__m128i)row3, _MM_SHUFFLE(2, 1, 0, 3));
         B3_G(row0, row1, row2, row3, ((u32x4){m[s[8]], m[s[10]], m[s[12]], m[s[14]]}),
              ((u32x4){m[s[9]], m[s[11]], m[s[13]], m[s[15]]}), ROTR);
-        row1 = __builtin_shuffle(row1, (u32x4){3, 0, 1, 2});
-        row2 = __builtin_shuffle(row2, (u32x4){2, 3, 0, 1});
-        row3 = __builtin_shuffle(row3, (u32x4){1, 2, 3, 0});
+        row1 = (u32x4)_mm_shuffle_epi32((__m128i)row1, _MM_SHUFFLE(2, 1, 0, 3));
+        row2 = (u32x4)_mm_shuffle_epi32((__m128i)row2, _MM_SHUFFLE(1, 0, 3, 2));
+        row3 = (u32x4)_mm_shuffle_epi32((__m128i)row3, _MM_SHUFFLE(0, 3, 2, 1));
     }
     row0 ^= row2;
     row1 ^= row3;

@@ -15,7 +15,9 @@
 #define B3_PIN(x) ({ __typeof__(x) pin_ = (x); __asm__("" : "+v"(pin_)); pin_; })
 #include "blake3_impl.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* GCC 8 or later (target attributes, AVX-512 intrinsics, "#pragma GCC unroll"). Other compilers, clang
+ * included (untested here), and other CPUs build the portable kernel only. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
 
 #include <immintrin.h>
 #include <string.h>
