@@ -36,6 +36,7 @@ class BuildPyWithProtos(build_py):
 native = Extension(
     "clowderd._native",
     sources=sorted(glob.glob("native/*.c")),
+    depends=sorted(glob.glob("native/*.h")),  # a header edit alone must rebuild the extension too
     include_dirs=["native"],
     libraries=["crypto", "pthread"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],

@@ -9,7 +9,9 @@ from typing import Sequence
 MIN_SIZE: int  # 8 KiB
 AVG_SIZE: int  # 64 KiB
 MAX_SIZE: int  # 128 KiB
-# Which BLAKE3 kernel this CPU got: "avx512" or "portable".
+# The BLAKE3 kernels this CPU runs, fastest first: some of "avx512", "avx2", "sse41", then "portable".
+BLAKE3_KERNELS: tuple[str, ...]
+# The one picked at import: BLAKE3_KERNELS[0].
 BLAKE3_KERNEL: str
 
 # One chunk: (offset in the input, length, 32-byte BLAKE3 id).
@@ -17,6 +19,11 @@ Chunk = tuple[int, int, bytes]
 
 def blake3(data: bytes | bytearray | memoryview) -> bytes:
     """The 32-byte BLAKE3 hash of data."""
+
+def blake3_use_kernel(name: str) -> str:
+    """Make `name` (one of BLAKE3_KERNELS) the BLAKE3 kernel of every later call, in every thread, and
+    return the one it replaces. Every kernel gives the same hashes, so this only changes speed: it is
+    for tests and benchmarks. Raises ValueError, naming the kernels this CPU runs, for any other name."""
 
 def blake3_many(data: bytes | bytearray | memoryview, lengths: Sequence[int]) -> bytes:
     """The 32-byte BLAKE3 hashes of the pieces of data cut after each of lengths, concatenated (one

@@ -116,6 +116,26 @@ static PyObject *py_blake3(PyObject *self, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)out, sizeof out);
 }
 
+static PyObject *py_blake3_use_kernel(PyObject *self, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name)
+        return NULL;
+    const char *previous = blake3_kernel();
+    if (blake3_use_kernel(name) < 0) {
+        const char *names[4];
+        size_t n = blake3_kernels(names);
+        PyObject *known = PyUnicode_FromString(names[0]);
+        for (size_t i = 1; known && i < n; i++)
+            Py_SETREF(known, PyUnicode_FromFormat("%U, %s", known, names[i]));
+        if (known)
+            PyErr_Format(PyExc_ValueError, "BLAKE3 kernel %R: this CPU runs %U", arg, known);
+        Py_XDECREF(known);
+        return NULL;
+    }
+    return PyUnicode_FromString(previous);
+}
+
 static PyObject *py_blake3_many(PyObject *self, PyObject *args)
 {
     PyObject *data, *lengths_obj, *out = NULL;
@@ -271,6 +291,8 @@ static PyMethodDef methods[] = {
     {"blake3", py_blake3, METH_O, "blake3(data) -> bytes: the 32-byte BLAKE3 hash of data."},
     {"blake3_many", py_blake3_many, METH_VARARGS,
      "blake3_many(data, lengths) -> bytes: the BLAKE3 of each piece of data (cut after each of lengths), joined."},
+    {"blake3_use_kernel", py_blake3_use_kernel, METH_O,
+     "blake3_use_kernel(name) -> str: make name (one of BLAKE3_KERNELS) the BLAKE3 kernel; returns the previous."},
     {"chunk", (PyCFunction)(void (*)(void))py_chunk, METH_VARARGS | METH_KEYWORDS,
      "chunk(data, cuts=(), *, min_size, avg_size, max_size, threads=0) -> [(offset, length, blake3)]"},
     {"ingest", (PyCFunction)(void (*)(void))py_ingest, METH_VARARGS | METH_KEYWORDS,
@@ -294,6 +316,21 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddIntConstant(m, "AVG_SIZE", CDC_AVG_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SIZE", CDC_MAX_SIZE) < 0 ||
         PyModule_AddStringConstant(m, "BLAKE3_KERNEL", blake3_kernel()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    const char *names[4];
+    size_t n = blake3_kernels(names);
+    PyObject *kernels = PyTuple_New((Py_ssize_t)n);
+    for (size_t i = 0; kernels && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (!name)
+            Py_CLEAR(kernels);
+        else
+            PyTuple_SET_ITEM(kernels, (Py_ssize_t)i, name);
+    }
+    if (!kernels || PyModule_AddObject(m, "BLAKE3_KERNELS", kernels) < 0) {
+        Py_XDECREF(kernels);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,5 @@
 """clowderd._native.chunk: FastCDC with forced cuts, BLAKE3 ids, identical for any thread count."""
+import hashlib
 import os
 import random
 
@@ -31,6 +32,68 @@ def assert_well_formed(data, chunks, cuts=(), min_size=_native.MIN_SIZE, max_siz
         assert cid == reference.blake3(data[off:end]).digest()
         pos = end
     assert pos == len(data)
+
+
+def chunks_digest(chunks):
+    return hashlib.sha256(b"".join(off.to_bytes(8, "little") + length.to_bytes(8, "little") + cid
+                                   for off, length, cid in chunks)).hexdigest()
+
+
+# The store's chunk ids depend on these boundaries: they were cut by the byte-at-a-time loop the
+# format was defined with, and no faster cutting loop may move one.
+PINNED_INPUT = (hashlib.shake_256(b"clowder cut points").digest(3 << 20) + bytes(300_000)
+                + hashlib.shake_256(b"tail").digest(50_000))
+PINNED_LENGTHS = [39119, 79670, 67328, 105921, 78506, 42585, 79539, 92611, 21036, 70259, 73463, 38017, 124255,
+                  77473, 23740, 35054, 73659, 68463, 67624, 76733, 67794, 67496, 91779, 78181, 67315, 92048, 12594,
+                  120623, 115535, 79952, 111790, 72289, 66777, 66931, 16446, 73832, 67495, 14906, 71217, 67534,
+                  29390, 94930, 73271, 93740, 41847, 131072, 131072, 93912, 48905]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cut_points_and_ids_are_pinned(threads):
+    chunks = _native.chunk(PINNED_INPUT, [1 << 20], threads=threads)
+    assert [length for _, length, _ in chunks] == PINNED_LENGTHS
+    assert chunks_digest(chunks) == "3aef099dbc51043dcc408a7a2f72c6777d3f464ddc25f785cc91d85405ac20a5"
+    small = _native.chunk(PINNED_INPUT, [1 << 20], threads=threads, **SMALL)
+    assert len(small) == 2816
+    assert chunks_digest(small) == "dd976ba88c3d83ab3178142f0d1fcfa0c173e043e109b64665566eb4015ca8ee"
+
+
+def reference_lengths(data, min_size, avg_size, max_size):
+    """Chunk lengths by the definition in native/README.md, one byte at a time."""
+    gear, x = [], 0x636C6F7764657221
+    for _ in range(256):  # splitmix64
+        x = (x + 0x9E3779B97F4A7C15) % 2**64
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        gear.append(z ^ (z >> 31))
+    bits = avg_size.bit_length() - 1
+    mask_s, mask_l = (2**64 - 1) ^ (2**(64 - bits - 2) - 1), (2**64 - 1) ^ (2**(64 - bits + 2) - 1)
+    lengths, pos = [], 0
+    while pos < len(data):
+        n = len(data) - pos
+        length = n
+        if n > min_size:
+            end = min(n, max_size)
+            length, h = end, 0
+            for i in range(min_size, end):
+                h = ((h << 1) + gear[data[pos + i]]) % 2**64
+                if not h & (mask_s if i < min(avg_size, end) else mask_l):
+                    length = i + 1
+                    break
+        lengths.append(length)
+        pos += length
+    return lengths
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=12000), st.integers(64, 700), st.integers(8, 11), st.integers(0, 3000))
+def test_cut_points_follow_the_byte_at_a_time_definition(data, min_size, avg_bits, extra):
+    avg_size = max(1 << avg_bits, min_size)
+    avg_size = 1 << (avg_size - 1).bit_length()  # a power of two >= min_size
+    sizes = dict(min_size=min_size, avg_size=avg_size, max_size=avg_size + extra)
+    chunks = _native.chunk(data, threads=1, **sizes)
+    assert [length for _, length, _ in chunks] == reference_lengths(data, **sizes)
 
 
 def test_defaults_are_xet_sizes():
@@ -108,6 +171,20 @@ def test_threads_identical_for_random_data_and_cuts(seed, size, threads):
     data = rnd.randbytes(size)
     cuts = sorted(rnd.sample(range(1, size), rnd.randrange(0, 6)))
     assert _native.chunk(data, cuts, threads=threads, **SMALL) == _native.chunk(data, cuts, threads=1, **SMALL)
+
+
+@pytest.mark.parametrize("kernel", _native.BLAKE3_KERNELS)
+def test_chunk_ids_are_the_same_with_every_blake3_kernel(kernel):
+    data = bf16_like(2 << 20, seed=4)
+    cuts = [5, 100_000, 100_001, 1 << 20]  # a one-byte chunk and chunks of every size class
+    want = _native.chunk(data, cuts, threads=1)
+    previous = _native.blake3_use_kernel(kernel)
+    try:
+        got = _native.chunk(data, cuts, threads=2)
+    finally:
+        _native.blake3_use_kernel(previous)
+    assert got == want
+    assert_well_formed(data, got, cuts)
 
 
 def test_chunk_accepts_bytearray_and_memoryview():
