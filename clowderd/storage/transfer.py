@@ -26,6 +26,7 @@ from clowderd.errors import ClowderError, InvalidInput, NotFound
 from clowderd.server import unimplemented_servicer
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
+from clowderd.store.protocols import Provider
 
 CHUNKER = "fastcdc-gear/8k-64k-128k+safetensors"
 BATCH_BYTES = 4 << 20  # chunk bytes per FetchChunks message (unpacked)
@@ -34,19 +35,13 @@ PACKED_BATCH_RANGE = (64 << 10, 15 << 20)  # 15 MiB: under the server's 16 MiB m
 MAX_IDS = 4096  # chunk ids per FetchChunks call
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """'repo/name:tag' -> ('repo/name', 'tag')."""
-    repo, _, tag = name.rpartition(":")
-    return repo, tag
-
-
 # Methods not overridden below (PutBlob, PutManifest, DeleteManifest) answer UNIMPLEMENTED.
 _Unimplemented = type(unimplemented_servicer(registry_pb2_grpc.RegistryServicer, registry_pb2.DESCRIPTOR, "Registry"))
 
 
 class RegistryServicer(_Unimplemented):
     def __init__(self, store: ContentStore):
-        self.store = store
+        self.store: Provider = store  # the servicer reads content; names and manifests come from the index
         self.index = ImageIndex(store)
         retain_freed_buffers()  # every FetchChunks message is a fresh MiB at this end too
 
@@ -56,12 +51,8 @@ class RegistryServicer(_Unimplemented):
         await context.abort(code, str(exc))
 
     # -- names -------------------------------------------------------------------------------
-    def _tag_names(self) -> list[str]:
-        return [r[0] for r in self.store.db.execute("SELECT name FROM tags ORDER BY name")]
-
     async def ListRepositories(self, request, context):
-        repos = sorted({_split_name(n)[0] for n in self._tag_names()})
-        return registry_pb2.ListRepositoriesResponse(repositories=repos)
+        return registry_pb2.ListRepositoriesResponse(repositories=self.index.tagged_repositories())
 
     async def ListTags(self, request, context):
         tags = self.index.repository_tags(request.repository)
@@ -79,9 +70,8 @@ class RegistryServicer(_Unimplemented):
             content = self.index.manifest_bytes(digest)
         except ClowderError as exc:
             return await self._abort(context, exc)
-        row = self.store.db.execute("SELECT artifact_type FROM manifests WHERE digest = ?", (digest,)).fetchone()
         return registry_pb2.GetManifestResponse(
-            media_type=mt.OCI_MANIFEST, digest=digest, content=content, artifact_type=row[0] if row else "")
+            media_type=mt.OCI_MANIFEST, digest=digest, content=content, artifact_type=self.index.artifact_type(digest) or "")
 
     # -- blobs and chunks ----------------------------------------------------------------------
     async def StatBlob(self, request, context):

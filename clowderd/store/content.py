@@ -1,6 +1,7 @@
 """The content store: immutable blobs under their sha256 digest, cut into BLAKE3-named chunks.
 
-Read it as three small interfaces, after containerd's content store:
+Read it as three small interfaces, after containerd's content store (clowderd.store.protocols names
+them for callers, who use these methods and never the store's tables):
 - Provider: info(), exists(), read_bytes(), open(), chunk_index(), path()
 - Ingester: ingest_file(), ingest_bytes(): write to a temp file, check the digest, fsync, rename
 - Manager: blobs(), delete() (used by gc), usage()

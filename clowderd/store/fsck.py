@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from clowderd import _native as native
 from clowderd.errors import ClowderError
 from clowderd.store.content import ContentStore, file_sha256
+from clowderd.store.images import ImageIndex
 
 
 @dataclass
@@ -40,7 +41,7 @@ def check(store: ContentStore) -> FsckReport:
             report.bytes_checked += info.size
             what = _check_blob(store, info)
             if what:
-                report.problems.append(Problem(info.digest, what, _images_using(store, info.digest)))
+                report.problems.append(Problem(info.digest, what, ImageIndex(store).names_using(info.digest)))
     return report
 
 
@@ -70,12 +71,3 @@ def _check_blob(store: ContentStore, info) -> str | None:
     if h.hexdigest() != expected:
         return f"chunks assemble to sha256:{h.hexdigest()}"
     return None
-
-
-def _images_using(store: ContentStore, digest: str) -> list[str]:
-    rows = store.db.execute(
-        "SELECT DISTINCT t.name FROM tags t JOIN manifest_blobs mb ON mb.manifest = t.manifest WHERE mb.blob = ? ORDER BY t.name",
-        (digest,),
-    )
-    return [r[0] for r in rows]
-

@@ -23,8 +23,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from clowderd.errors import NotFound, StoreError
-from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
+from clowderd.store.protocols import Provider
 from clowderd.storage.oci import manifests as mf
 from clowderd.storage.oci.auth import Authorizer
 from clowderd.storage.oci.errors import OCIError, error_response, handle_http_exception, handle_oci_error
@@ -42,7 +42,7 @@ _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
 
 @dataclass
 class Registry:
-    store: ContentStore
+    store: Provider
     index: ImageIndex
     sessions: UploadSessions
     auth: Authorizer
@@ -134,7 +134,7 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def _read_blob(store: ContentStore, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
+async def _read_blob(store: Provider, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(store.open, digest)
     try:
         await asyncio.to_thread(f.seek, start)

@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable, Sequence
 
 from clowderd.aimage.safetensors import read_header, tensor_boundaries
 from clowderd.errors import DigestMismatch, InvalidInput, StoreError
-from clowderd.store.content import ContentStore, IngestResult
+from clowderd.store.content import IngestResult
+from clowderd.store.protocols import Ingester
 from clowderd.storage.oci.errors import OCIError
 
 DEFAULT_EXPIRY_SECONDS = 3600.0
@@ -46,7 +47,7 @@ def safetensors_cuts(path: Path) -> Sequence[int]:
 
 
 class UploadSessions:
-    def __init__(self, store: ContentStore, expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
+    def __init__(self, store: Ingester, expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.expiry_seconds = expiry_seconds
