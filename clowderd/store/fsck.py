@@ -1,18 +1,20 @@
 """fsck: re-hash everything the store holds and name what is corrupt or missing.
 
-Each whole blob file is checked against its sha256 digest and each of its chunks against its
-BLAKE3 id; each chunked blob is checked chunk by chunk from wherever the chunk map says its bytes
-are, and then as a whole. The report names every bad blob and the images that use it.
+Every stored copy of every blob (its own file; for a chunked blob also its chunks from wherever the
+chunk map says they are) is read chunk by chunk against the blob's chunk index, then hashed whole
+against its sha256 digest. A blob found corrupt is quarantined (ContentStore.quarantine), as a read
+would; a blob in quarantine is named with what was found then. The report names every bad blob and
+the images that use it.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 
-from clowderd import _native as native
-from clowderd.errors import ClowderError
-from clowderd.store.content import ContentStore, file_sha256
+from clowderd.errors import Quarantined
+from clowderd.store.content import BlobInfo, ContentStore, Corruption
 from clowderd.store.images import ImageIndex
+from clowderd.store.verify import stored_copies
 
 
 @dataclass
@@ -35,39 +37,35 @@ class FsckReport:
 
 def check(store: ContentStore) -> FsckReport:
     report = FsckReport()
+    index = ImageIndex(store)
     with store.shared_lock():
+        quarantined = {q.digest for q in store.quarantined()}
         for info in store.blobs():
             report.blobs_checked += 1
             report.bytes_checked += info.size
-            what = _check_blob(store, info)
-            if what:
-                report.problems.append(Problem(info.digest, what, ImageIndex(store).names_using(info.digest)))
+            if info.digest not in quarantined:
+                try:
+                    _check_blob(store, info)
+                    continue
+                except Quarantined:
+                    pass
+            record = store.quarantine_record(info.digest)
+            report.problems.append(Problem(info.digest, f"{record.reason} (quarantined by {record.found_by})",
+                                           index.names_using(info.digest)))
     return report
 
 
-def _check_blob(store: ContentStore, info) -> str | None:
+def _check_blob(store: ContentStore, info: BlobInfo) -> None:
+    """Read every stored copy of the blob; Quarantined when one is corrupt."""
     expected = info.digest.split(":", 1)[1]
-    if info.has_file:
-        path = store.blob_path(info.digest)
-        if not path.exists():
-            return f"file {path} is missing"
-        if path.stat().st_size != info.size:
-            return f"file {path} has {path.stat().st_size:,} bytes, expected {info.size:,}"
-        actual = file_sha256(path)
-        if actual != expected:
-            return f"file {path} has digest sha256:{actual}"
-    if info.layout == "file":
-        return None
-    # A chunked blob: every chunk from where the chunk map says it is, then the whole.
-    h = hashlib.sha256()
-    for offset, length, cid in store.chunk_index(info.digest):
-        try:
-            data = store.read_chunk(cid)
-        except (OSError, ClowderError) as exc:
-            return f"chunk {cid.hex()} at offset {offset:,} cannot be read: {exc}"
-        if len(data) != length or native.blake3(data) != cid:
-            return f"chunk {cid.hex()} at offset {offset:,} is corrupt"
-        h.update(data)
-    if h.hexdigest() != expected:
-        return f"chunks assemble to sha256:{h.hexdigest()}"
-    return None
+    for copy in stored_copies(store, info, "fsck"):
+        h = hashlib.sha256()
+        for i, j in copy.runs():
+            h.update(copy.read(i, j))
+        if copy.path is not None and (size := copy.path.stat().st_size) != info.size:
+            raise store.quarantine(Corruption(info.digest, str(copy.path), 0, None,
+                                              f"has {size:,} bytes, expected {info.size:,}"), "fsck")
+        if h.hexdigest() != expected:
+            where, what = (copy.path, "holds") if copy.path else (store.root / "index.db", "has a chunk index of")
+            raise store.quarantine(Corruption(info.digest, str(where), 0, None,
+                                              f"{what} content with digest sha256:{h.hexdigest()}"), "fsck")

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Protocol, Sequence
 
-from clowderd.store.content import BlobInfo, Chunk, IngestResult, Usage
+from clowderd.errors import Quarantined
+from clowderd.store.content import BlobInfo, Chunk, Corruption, IngestResult, QuarantineRecord, Usage
 
 
 class Provider(Protocol):
@@ -39,6 +40,8 @@ class Provider(Protocol):
 
     def location_path(self, location: str) -> Path: ...
 
+    def quarantine(self, corruption: Corruption, found_by: str) -> Quarantined: ...
+
 
 class Ingester(Protocol):
     tmp_dir: Path
@@ -63,3 +66,5 @@ class Manager(Protocol):
     def blobs(self) -> list[BlobInfo]: ...
 
     def usage(self) -> Usage: ...
+
+    def quarantined(self) -> list[QuarantineRecord]: ...
