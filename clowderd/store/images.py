@@ -174,7 +174,11 @@ class ImageIndex:
                               (repository, digest)).rowcount > 0
 
     def repository_has_blob(self, repository: str, digest: str) -> bool:
-        """Whether the repository holds the blob: pushed or mounted into it, or referenced by one
+        """Whether the repository holds the blob and the store serves it (see repository_references_blob)."""
+        return self.repository_references_blob(repository, digest) and self.store.exists(digest)
+
+    def repository_references_blob(self, repository: str, digest: str) -> bool:
+        """Whether the blob belongs to the repository: pushed or mounted into it, or referenced by one
         of its manifests (a locally built image that a tag of the repository names)."""
         lo, hi = _tag_range(repository)
         row = self.db.execute(
@@ -188,7 +192,7 @@ class ImageIndex:
                LIMIT 1""",
             (repository, digest, repository, digest, lo, hi, digest),
         ).fetchone()
-        return row is not None and self.store.exists(digest)
+        return row is not None
 
     def repository_manifest(self, repository: str, reference: str) -> tuple[str, str | None] | None:
         """(digest, media type it was pushed as, None for a local build) of the manifest that
