@@ -3,6 +3,7 @@
 States (clowder.v1.ReplicaState):
 
     PENDING -> PULLING (only when the image is not in the local store) -> LOADING -> READY
+    LOADING -> PULLING (a corrupt blob is fetched again) -> LOADING
     READY -> DRAINING (UnloadReplica: no new requests, in-flight ones get the grace period) -> STOPPED
     any state -> FAILED (the reason in `message`; the engine is gone and the view removed)
     FAILED -> STOPPED (UnloadReplica)
@@ -11,6 +12,11 @@ Each replica has one task that owns its place on an engine host and its model vi
 last: it pulls, builds the view (named after the replica), joins the engine host of its base (started
 for it when no other replica has that base loaded, see engines.py) with its EP layers, serves until the
 engine exits or a stop is asked for, and then leaves the host and removes the view, whatever happened.
+
+Before an engine loads a view, every file of it is checked against its blob's chunk index (on all
+cores). A blob that is corrupt (found then, or quarantined earlier by another reader or the scrub) is
+fetched again from the replica's sources, which repairs it in the store, and the view is made anew; a
+blob that cannot be fetched again fails the replica, naming it.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from clowderd.aimage.manifest import parse_manifest
 from clowderd.engines.base import Event, GenerateRequest
 from clowderd.engines.client import EngineClient, describe_status
 from clowderd.engines.errors import EngineCrashed, EngineError, InvalidRequest
-from clowderd.errors import ClowderError, InvalidInput, NotFound
+from clowderd.errors import ClowderError, InvalidInput, NotFound, Quarantined, StoreError
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from clowderd.store.views import ViewManager
@@ -237,7 +243,7 @@ class ReplicaManager:
             replica.set_state(S.REPLICA_STATE_PULLING, f"pulling {describe_image(replica)}")
             digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from)
         replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
-        view = await asyncio.to_thread(self._create_view, replica.id, digest)
+        view = await self._checked_view(replica, digest)
         replica.view = replica.id
         if replica.stopping:
             return
@@ -250,6 +256,51 @@ class ReplicaManager:
             sharing = f", its base shared with {', '.join(map(repr, others))}" if others else ""
             replica.set_state(S.REPLICA_STATE_READY, f"engine {key.engine} serving {describe_image(replica)} "
                                                      f"(pid {replica.client.pid}){sharing}")
+
+    async def _checked_view(self, replica: Replica, digest: str) -> Path:
+        """The replica's view, every blob in it checked; corrupt blobs are fetched again, once."""
+        view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
+        if not corrupt:
+            return view
+        digests = [e.digest for e in corrupt]
+        named = await asyncio.to_thread(self._name_blobs, digest, digests)
+        blobs, are = (f"blob {named} of {describe_image(replica)}", "is") if len(corrupt) == 1 else \
+            (f"blobs {named} of {describe_image(replica)}", "are")
+        log.warning("fetching corrupt blobs again", extra={"replica": replica.id, "blobs": digests})
+        replica.set_state(S.REPLICA_STATE_PULLING, f"fetching again the corrupt {blobs}")
+        try:
+            await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from)
+        except ClowderError as e:
+            raise StoreError(f"{blobs} {are} corrupt on this node and could not be fetched again: {e}") from None
+        replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
+        view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
+        if corrupt:
+            raise StoreError(f"{blobs} {are} still corrupt on this node after fetching again: "
+                             + "; ".join(map(str, corrupt)))
+        log.info("corrupt blobs fetched again", extra={"replica": replica.id, "blobs": digests})
+        return view
+
+    def _view_if_whole(self, name: str, digest: str) -> tuple[Path | None, list[Quarantined]]:
+        """(the view, []) when every blob of the image checks out; else (None, an error naming each
+        corrupt blob) and no view."""
+        blobs = set(self.views.index.image_blobs(digest))
+        quarantined = [record.error() for record in self.store.quarantined() if record.digest in blobs]
+        if quarantined:
+            return None, quarantined
+        view = self._create_view(name, digest)
+        corrupt = self.views.verify(name)
+        if corrupt:
+            self.views.remove(name)
+            return None, corrupt
+        return view, []
+
+    def _name_blobs(self, digest: str, blobs: list[str]) -> str:
+        """'DIGEST (its file in the view), ...' for blobs of the image."""
+        try:
+            files = {blob: rel for rel, blob in self.views.files(digest).items()}
+        except ClowderError:  # the manifest itself is corrupt
+            files = {digest: "clowder/manifest.json"}
+        return ", ".join(f"{blob} ({files[blob]})" if blob in files else blob for blob in blobs)
 
     def _create_view(self, name: str, digest: str) -> Path:
         # A view of this name can only be left over from a clowderd that did not shut down
