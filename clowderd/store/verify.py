@@ -68,6 +68,7 @@ class BlobBytes:
         self.chunks = store.chunk_index(digest)
         self._starts = [off for off, _, _ in self.chunks]
         self.path = None if from_chunks else path or (store.blob_path(digest) if self.info.has_file else None)
+        self._cache = path is None and self.path is not None and self.info.layout == "chunks"
 
     def runs(self, start: int = 0, end: int | None = None, run_bytes: int = RUN_BYTES) -> list[tuple[int, int]]:
         """(i, j) for runs of chunks i..j-1 of about run_bytes each, in order, that together hold the
@@ -100,6 +101,10 @@ class BlobBytes:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
+            gone = isinstance(exc, FileNotFoundError) and self._cache
+            if gone and not self.store.info(self.digest).has_file:  # gc dropped the copy meanwhile
+                self.path = None
+                return self._read_from_chunk_map(run)
             raise self._corrupt(Corruption(self.digest, str(self.path), 0, None,
                                            f"cannot be read: {exc.strerror}")) from None
         try:

@@ -1,7 +1,8 @@
 """The worker role: clowder.v1.Worker over this node's replicas (replicas.py), and the agent that keeps
 this node a member of the cluster and runs the replicas the controller assigns to it (agent.py).
 
-The worker opens the node's content store at <data_dir>/store (model views are hard links into it).
+The worker opens the node's content store at <data_dir>/store (model views are hard links into it),
+and scrubs it in the background unless the storage role does (clowderd.store.scrub).
 At shutdown the agent stops first; once the servers have stopped taking calls, every replica is
 unloaded (engine hosts exit, views are removed), then the store is closed.
 """
@@ -20,6 +21,7 @@ from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
 from clowderd.errors import InvalidInput, NotFound
 from clowderd.inventory import Inventory
 from clowderd.server import StartupError, StatusCodes
+from clowderd.store import scrub
 from clowderd.store.content import ContentStore
 from clowderd.worker.agent import IDENTITY_FILE, JoinTokenUnreadable, WorkerAgent, join_token_reader
 from clowderd.worker.engine_requests import engine_request
@@ -111,6 +113,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     """Add the worker role's services to its server."""
     config = process.config
     store = ContentStore(Path(config.data_dir) / "store")
+    scrub.run_in(process, store, "worker")
     replicas = ReplicaManager(store, config.worker_pull_from)
     servicer = WorkerServicer(replicas, config.node_name)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
