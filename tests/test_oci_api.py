@@ -263,6 +263,7 @@ def test_a_pushed_safetensors_blob_is_cut_at_tensor_boundaries(oci, oci_node, ti
 def _corrupt_stored_blob(node, digest: str, offset: int) -> int:
     """Flip a byte of the blob's file on the node; returns where its chunk starts."""
     from clowderd.store.content import ContentStore
+    from tests.store_fixtures import flip_byte
 
     store = ContentStore(node.data_dir / "store")
     try:
@@ -270,12 +271,7 @@ def _corrupt_stored_blob(node, digest: str, offset: int) -> int:
         chunk_start = max(off for off, _, _ in store.chunk_index(digest) if off <= offset)
     finally:
         store.close()
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path, offset)
     return chunk_start
 
 

@@ -17,6 +17,7 @@ from clowder.v1 import common_pb2
 from clowderd.store.content import ContentStore
 from tests.cluster_fixtures import token_file, wait_for
 from tests.test_controller_deployments import Admin, start_controller
+from tests.store_fixtures import flip_byte
 from tests.worker_fixtures import build_chat_image
 
 QUESTION = [{"role": "user", "content": "Hello there"}]
@@ -82,18 +83,13 @@ def test_no_call_fails_while_the_controller_is_killed_and_restarted(clowderd, tm
 
 
 def flip_stored_byte(data_dir: Path, digest: str) -> None:
-    """Flip a byte in the middle of the blob's file in data_dir's store (as a failing disk would)."""
+    """Flip a byte in the middle of the blob's file in data_dir's store."""
     store = ContentStore(data_dir / "store")
     try:
         path = store.blob_path(digest)
     finally:
         store.close()
-    path.chmod(0o644)
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path, path.stat().st_size // 2)
 
 
 def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, corrupt_on_storage: bool):

@@ -10,19 +10,11 @@ from clowderd import _native as native
 from clowderd.errors import NotFound, Quarantined
 from clowderd.store import fsck, gc
 from clowderd.store.verify import BlobBytes, bad_chunks, check_all
+from tests.store_fixtures import flip_byte
 
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def flip_byte(path, offset: int) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def read_all(store, digest: str, found_by: str = "test", **kw) -> bytes:

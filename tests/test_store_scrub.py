@@ -16,16 +16,8 @@ from clowderd.store.content import ContentStore
 from clowderd.store.scrub import PROGRESS_FILE, Scrub
 from tests.cluster_fixtures import clowderctl, start_worker, wait_for
 from tests.clowderd_proc import REPO_ROOT
+from tests.store_fixtures import flip_byte
 from tests.test_controller_deployments import start_controller
-
-
-def flip_byte(path, offset: int = 100) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def blobs_in(store, *sizes: int) -> list[str]:
@@ -45,7 +37,7 @@ def test_a_pass_reads_every_blob_at_the_rate_its_interval_gives_and_saves_the_re
 
 def test_a_pass_quarantines_a_corrupt_blob_as_a_read_would(store, caplog):
     digests = blobs_in(store, 200_000, 200_000)
-    flip_byte(store.blob_path(digests[1]))
+    flip_byte(store.blob_path(digests[1]), 100)
     with caplog.at_level(logging.ERROR, logger="clowderd.store"):
         report = asyncio.run(Scrub(store, interval_seconds=0.1).run_pass())
     assert [p.digest for p in report.problems] == [digests[1]]
@@ -57,7 +49,7 @@ def test_a_pass_quarantines_a_corrupt_blob_as_a_read_would(store, caplog):
 
 def test_a_pass_goes_on_after_the_last_blob_a_stopped_one_finished(store):
     digests = blobs_in(store, 100_000, 200_000, 300_000)
-    flip_byte(store.blob_path(digests[0]))  # read before the stop: not read again
+    flip_byte(store.blob_path(digests[0]), 100)  # read before the stop: not read again
     started = time.time() - 3600
     (store.root / PROGRESS_FILE).write_text(json.dumps(
         {"started": started, "after": digests[0], "blobs_checked": 1, "bytes_checked": 7}))
@@ -71,7 +63,7 @@ def test_clowderd_scrubs_its_store_and_reports_the_pass_in_fsck_last_and_the_nod
     worker_data = tmp_path_factory.mktemp("worker") / "data"
     store = ContentStore(worker_data / "store")
     good, bad = blobs_in(store, 100_000, 100_000)
-    flip_byte(store.blob_path(bad))
+    flip_byte(store.blob_path(bad), 100)
     store.close()
     controller = start_controller(clowderd, tmp_path_factory.mktemp("controller") / "data",
                                   store={"scrub_interval_seconds": 0.5})
