@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from clowderd.store import fsck
 from clowderd.store.content import ContentStore
 from clowderd.store.scrub import PROGRESS_FILE, Scrub
@@ -83,3 +85,24 @@ def test_clowderd_scrubs_its_store_and_reports_the_pass_in_fsck_last_and_the_nod
     assert last.returncode == 1 and last.stdout.startswith("last check: scrub, finished ")
     assert f"CORRUPT {bad}: chunk " in last.stdout and "(quarantined by scrub)" in last.stdout
     wait_for("the storage role's scrub of its own store", lambda: fsck.load_last(controller.data_dir / "store"))
+
+
+def test_a_pass_stopped_with_clowderd_is_saved_and_the_next_start_goes_on_with_it(store, caplog):
+    digests = blobs_in(store, 100_000, 100_000, 100_000)
+
+    async def stop_the_pass() -> None:
+        task = asyncio.create_task(Scrub(store, interval_seconds=3600).run_pass())  # its first read: in 20 min
+        deadline = time.monotonic() + 30
+        while not any(r.getMessage() == "scrub pass" for r in caplog.records):  # under way
+            assert time.monotonic() < deadline, "the pass did not start"
+            await asyncio.sleep(0.01)
+        task.cancel()  # as Process.shutdown cancels background tasks
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.DEBUG, logger="clowderd.store.scrub"):
+        asyncio.run(stop_the_pass())
+    saved = json.loads((store.root / PROGRESS_FILE).read_text())
+    report = asyncio.run(Scrub(store, interval_seconds=0.1).run_pass())
+    assert (report.started, report.blobs_checked) == (saved["started"], len(digests))  # the same pass
+    assert not (store.root / PROGRESS_FILE).exists()

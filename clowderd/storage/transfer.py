@@ -25,7 +25,7 @@ from clowderd.aimage import mediatypes as mt
 from clowderd.aimage.reference import validate_digest
 from clowderd.distribution.chunk_client import retain_freed_buffers
 from clowderd.errors import ClowderError, InvalidInput, NotFound, Quarantined
-from clowderd.server import unimplemented_servicer
+from clowderd.server import StatusCodes, unimplemented_servicer
 from clowderd.store.content import ContentStore, Corruption, location_digest
 from clowderd.store.images import ImageIndex
 from clowderd.store.protocols import Provider
@@ -40,6 +40,14 @@ PACKED_BATCH_RANGE = (64 << 10, 15 << 20)  # 15 MiB: under the server's 16 MiB m
 MAX_IDS = 4096  # chunk ids per FetchChunks call
 
 
+# The store's errors as gRPC status codes, the first class that matches winning.
+STATUS_CODES = StatusCodes(
+    (Quarantined, grpc.StatusCode.DATA_LOSS),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ClowderError, grpc.StatusCode.INTERNAL),
+)
+
 # Methods not overridden below (PutBlob, PutManifest, DeleteManifest) answer UNIMPLEMENTED.
 _Unimplemented = type(unimplemented_servicer(registry_pb2_grpc.RegistryServicer, registry_pb2.DESCRIPTOR, "Registry"))
 
@@ -51,10 +59,7 @@ class RegistryServicer(_Unimplemented):
         retain_freed_buffers()  # every FetchChunks message is a fresh MiB at this end too
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ClowderError):
-        code = grpc.StatusCode.DATA_LOSS if isinstance(exc, Quarantined) else \
-            grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else \
-            grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidInput) else grpc.StatusCode.INTERNAL
-        await context.abort(code, str(exc))
+        await context.abort(STATUS_CODES.code(exc), str(exc))
 
     # -- names -------------------------------------------------------------------------------
     async def ListRepositories(self, request, context):

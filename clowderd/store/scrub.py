@@ -6,8 +6,8 @@ every blob (what fsck reads, less the sha256: the chunk ids cover every byte) at
 divided by `[store] scrub_interval_seconds` bytes per second, so a pass takes about that long and
 the disk is never busy with it for long at a time; the next pass starts when the interval since the
 start of this one is up. A corrupt blob is quarantined and logged as a read would do it
-(ContentStore.quarantine). Where it is in a pass is saved every PROGRESS_SECONDS, so a restarted
-clowderd goes on from there rather than starting over; a finished pass is saved as the store's last
+(ContentStore.quarantine). Where it is in a pass is saved every PROGRESS_SECONDS and when clowderd
+stops, so a restarted clowderd goes on from there rather than starting over; a finished pass is saved as the store's last
 check (fsck.save_last), which `clowderctl fsck --last` prints and a worker's heartbeat carries.
 """
 from __future__ import annotations
@@ -67,16 +67,20 @@ class Scrub:
                                       "bytes_per_second": round(rate)})
         pace = _Pace(rate)
         saved = time.monotonic()
-        for info in blobs:
-            if info.digest <= progress.after:
-                continue
-            if info.digest not in quarantined:
-                progress.bytes_checked += await self._check(info, pace)
-            progress.blobs_checked += 1
-            progress.after = info.digest
-            if time.monotonic() - saved >= PROGRESS_SECONDS:
-                await asyncio.to_thread(self._save_progress, progress)
-                saved = time.monotonic()
+        try:
+            for info in blobs:
+                if info.digest <= progress.after:
+                    continue
+                if info.digest not in quarantined:
+                    progress.bytes_checked += await self._check(info, pace)
+                progress.blobs_checked += 1
+                progress.after = info.digest
+                if time.monotonic() - saved >= PROGRESS_SECONDS:
+                    await asyncio.to_thread(self._save_progress, progress)
+                    saved = time.monotonic()
+        except asyncio.CancelledError:
+            self._save_progress(progress)  # clowderd is stopping: the next one goes on from here
+            raise
         report = fsck.FsckReport(progress.blobs_checked, progress.bytes_checked, kind="scrub",
                                  started=progress.started)
         report.problems = await asyncio.to_thread(fsck.quarantine_problems, self.store)

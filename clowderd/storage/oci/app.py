@@ -180,8 +180,8 @@ async def get_blob(request: Request) -> Response:
     if not await asyncio.to_thread(reg.index.repository_references_blob, name, digest):
         raise unknown
     try:
-        info = await asyncio.to_thread(reg.store.info, digest)
         blob = await asyncio.to_thread(BlobBytes, reg.store, digest, "oci-get") if request.method == "GET" else None
+        info = blob.info if blob else await asyncio.to_thread(reg.store.info, digest)
     except Quarantined as exc:
         raise OCIError("BLOB_UNKNOWN", str(exc), detail={"digest": digest, "quarantined": True}) from None
     except NotFound:
