@@ -24,6 +24,7 @@ from clowderd.errors import NotFound, StoreError
 from clowderd.files import write_private
 from clowderd.store import fsck
 from clowderd.store.content import BlobInfo, ContentStore
+from clowderd.store.protocols import Manager
 from clowderd.store.verify import stored_copies
 
 if TYPE_CHECKING:
@@ -60,9 +61,8 @@ class Scrub:
     async def run_pass(self) -> fsck.FsckReport:
         """One pass, or the rest of the one a stopped clowderd left; saved as the store's last check."""
         progress = await asyncio.to_thread(self._load_progress)
-        blobs = await asyncio.to_thread(self.store.blobs)
+        blobs, quarantined = await asyncio.to_thread(_listing, self.store)
         rate = max(sum(b.size for b in blobs), 1) / self.interval
-        quarantined = {q.digest for q in await asyncio.to_thread(self.store.quarantined)}
         log.debug("scrub pass", extra={"resumed_after": progress.after or None, "blobs": len(blobs),
                                       "bytes_per_second": round(rate)})
         pace = _Pace(rate)
@@ -128,6 +128,11 @@ class Scrub:
             self._path.unlink(missing_ok=True)
         except (OSError, StoreError) as exc:
             log.warning("cannot save the scrub's report", extra={"error": str(exc)})
+
+
+def _listing(store: Manager) -> tuple[list[BlobInfo], set[str]]:
+    """What a pass reads: every blob, by digest; and which of them are in quarantine (not read)."""
+    return store.blobs(), {q.digest for q in store.quarantined()}
 
 
 class _Pace:
