@@ -40,8 +40,8 @@ def random_file(path: Path, size: int) -> str:
 
 
 def curl_seconds(url: str, size: int, *extra: str) -> float:
-    out = subprocess.run(["curl", "-sS", "-f", "-L", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", *extra, url],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(["curl", "-sS", "-f", "-L", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
+                          *extra, url], capture_output=True, text=True, check=True).stdout.split()
     if int(out[1]) != size:
         sys.exit(f"{url}: curl received {out[1]} bytes, expected {size}")
     return float(out[0])

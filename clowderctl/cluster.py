@@ -64,8 +64,8 @@ def _store_check_line(check: dict[str, Any] | None) -> str:
     if check is None:
         return "none finished yet"
     quarantined = len(check["quarantined"])
-    return (f"{check['kind']} finished {check['finished_at']} ({check['finished_ago']}): {check['blobs_checked']} blobs, "
-            f"{human_bytes(check['bytes_checked'])}, {quarantined or 'none'} quarantined")
+    return (f"{check['kind']} finished {check['finished_at']} ({check['finished_ago']}): "
+            f"{check['blobs_checked']} blobs, {human_bytes(check['bytes_checked'])}, {quarantined or 'none'} quarantined")
 
 
 def _scheduling(row: dict[str, Any]) -> str:

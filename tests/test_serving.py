@@ -114,7 +114,8 @@ def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, corrupt_on_
 
 
 def quarantined_by(proc, digest: str) -> list[str]:
-    return [r["found_by"] for r in proc.log_records() if r["msg"] == "corrupt blob quarantined" and r["digest"] == digest]
+    return [r["found_by"] for r in proc.log_records()
+            if r["msg"] == "corrupt blob quarantined" and r["digest"] == digest]
 
 
 def test_weights_corrupt_on_the_worker_are_fetched_again_from_storage_before_the_engine_loads_them(

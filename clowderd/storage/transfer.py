@@ -81,8 +81,8 @@ class RegistryServicer(_Unimplemented):
             content = self.index.manifest_bytes(digest)
         except ClowderError as exc:
             return await self._abort(context, exc)
-        return registry_pb2.GetManifestResponse(
-            media_type=mt.OCI_MANIFEST, digest=digest, content=content, artifact_type=self.index.artifact_type(digest) or "")
+        return registry_pb2.GetManifestResponse(media_type=mt.OCI_MANIFEST, digest=digest, content=content,
+                                                artifact_type=self.index.artifact_type(digest) or "")
 
     # -- blobs and chunks ----------------------------------------------------------------------
     async def StatBlob(self, request, context):

@@ -7,8 +7,9 @@ divided by `[store] scrub_interval_seconds` bytes per second, so a pass takes ab
 the disk is never busy with it for long at a time; the next pass starts when the interval since the
 start of this one is up. A corrupt blob is quarantined and logged as a read would do it
 (ContentStore.quarantine). Where it is in a pass is saved every PROGRESS_SECONDS and when clowderd
-stops, so a restarted clowderd goes on from there rather than starting over; a finished pass is saved as the store's last
-check (fsck.save_last), which `clowderctl fsck --last` prints and a worker's heartbeat carries.
+stops, so a restarted clowderd goes on from there rather than starting over; a finished pass is saved
+as the store's last check (fsck.save_last), which `clowderctl fsck --last` prints and a worker's
+heartbeat carries.
 """
 from __future__ import annotations
 
