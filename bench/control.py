@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +36,9 @@ from clowderd.aimage.clowderfile import load_clowderfile  # noqa: E402
 from clowderd.store.content import ContentStore  # noqa: E402
 from clowderd.store.images import ImageIndex  # noqa: E402
 from clowderd.store.views import ViewManager  # noqa: E402
+from clowderd.trust import certs  # noqa: E402
+from clowderd.trust.dial import Dialer, public_aio_channel  # noqa: E402
+from clowderd.trust.identity import Material, NodeIdentity  # noqa: E402
 from tests import modelgen  # noqa: E402
 from tests.clowderd_proc import ClowderdProcess, _default_config  # noqa: E402
 from tests.engine_fixtures import write_tiny_tokenizer  # noqa: E402
@@ -133,8 +135,11 @@ def inventory() -> common_pb2.ResourceInventory:
 
 
 class SimulatedWorker:
-    def __init__(self, channel: grpc.aio.Channel, name: str, join_token: str):
-        self.stub = controller_pb2_grpc.MembershipStub(channel)
+    """A worker as the controller sees one: it joins with the join token (a certificate of its own), then
+    registers, heartbeats and follows its assignments over mutual TLS, as clowderd's workers do."""
+
+    def __init__(self, public: str, cluster: str, ca: bytes, name: str, join_token: str):
+        self.public, self.cluster, self.ca = public, cluster, ca
         self.name = name
         self.join_token = join_token
         self.assigned: set[str] = set()
@@ -143,10 +148,17 @@ class SimulatedWorker:
     async def join(self) -> None:
         info = common_pb2.NodeInfo(name=self.name, roles=[common_pb2.ROLE_WORKER], inventory=inventory(),
                                    listeners=[common_pb2.Listener(role=common_pb2.ROLE_WORKER,
-                                                                  address="127.0.0.1:9", protocol="grpc")])
-        answer = await self.stub.Join(controller_pb2.JoinRequest(join_token=self.join_token, node=info))
+                                                                  address="127.0.0.1:9", protocol="grpc+mtls")])
+        key = certs.new_key()
+        async with public_aio_channel(self.public, self.ca) as channel:
+            answer = await controller_pb2_grpc.EnrollmentStub(channel).Join(controller_pb2.JoinRequest(
+                join_token=self.join_token, node=info, csr=certs.certificate_request(key)))
+        issued = answer.certificate
+        identity = NodeIdentity(Material(certs.key_pem(key), issued.certificate, issued.ca_certificates))
+        self.channel = Dialer(identity).aio_channel(self.cluster, "controller")
+        self.stub = controller_pb2_grpc.MembershipStub(self.channel)
+        await self.stub.Register(controller_pb2.RegisterRequest(node=info))
         self.node_id = answer.node_id
-        self.auth = (("authorization", f"Bearer {answer.node_credential}"),)
         self.interval = answer.heartbeat_interval.ToTimedelta().total_seconds()
 
     async def heartbeat_forever(self) -> None:
@@ -154,13 +166,12 @@ class SimulatedWorker:
             replicas = [common_pb2.ReplicaStatus(replica_id=r, node_name=self.name,
                                                  state=common_pb2.REPLICA_STATE_READY) for r in self.assigned]
             await self.stub.Heartbeat(controller_pb2.HeartbeatRequest(
-                node_id=self.node_id, inventory=inventory(), replicas=replicas), metadata=self.auth)
+                node_id=self.node_id, inventory=inventory(), replicas=replicas))
             self.heartbeats += 1
             await asyncio.sleep(self.interval)
 
     async def watch_forever(self, placed: asyncio.Queue) -> None:
-        stream = self.stub.WatchAssignments(controller_pb2.WatchAssignmentsRequest(node_id=self.node_id),
-                                            metadata=self.auth)
+        stream = self.stub.WatchAssignments(controller_pb2.WatchAssignmentsRequest(node_id=self.node_id))
         async for event in stream:
             now = {r.replica_id for r in event.replicas}
             if event.type == controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT:
@@ -177,12 +188,13 @@ class SimulatedWorker:
 
 
 async def scheduling(controller: ClowderdProcess, image: str, workers: int, replicas: int) -> dict:
-    address = controller.config["controller"]["listen"]
+    address, cluster = controller.config["controller"]["listen"], controller.config["controller"]["cluster_listen"]
     join_token = (controller.data_dir / "controller" / "join-token").read_text().strip()
     admin_token = (controller.data_dir / "controller" / "admin-token").read_text().strip()
+    ca = controller.ca()
     proc = psutil.Process(controller.pid)
-    async with grpc.aio.insecure_channel(address) as channel:
-        sims = [SimulatedWorker(channel, f"sim-{i:03d}", join_token) for i in range(workers)]
+    async with public_aio_channel(address, ca) as channel:
+        sims = [SimulatedWorker(address, cluster, ca, f"sim-{i:03d}", join_token) for i in range(workers)]
         t0 = time.perf_counter()
         await asyncio.gather(*(s.join() for s in sims))
         joined_s = time.perf_counter() - t0
@@ -205,6 +217,8 @@ async def scheduling(controller: ClowderdProcess, image: str, workers: int, repl
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for sim in sims:
+            await sim.channel.close()
     return {"joined_s": joined_s, "heartbeats": beats, "cpu_per_heartbeat_ms": cpu / beats * 1000,
             "placements_per_s": replicas / (last - t0), "placed_s": last - t0}
 

@@ -1,5 +1,5 @@
-"""Cluster commands, through the controller's admin API: nodes, node describe|label|cordon|uncordon|drain,
-events, token."""
+"""Cluster commands, through the controller's admin API: nodes, node describe|label|cordon|uncordon|drain|
+revoke, events, token."""
 from __future__ import annotations
 
 import datetime as dt
@@ -193,6 +193,16 @@ node.add_command(_schedulable_command("drain", "DrainNode", controller_pb2.Drain
                                       "Cordon node NAME and have the scheduler move its replicas elsewhere."))
 
 
+@node.command("revoke")
+@click.argument("name")
+@controller_options
+def revoke(name: str, controller: str, token: str | None) -> None:
+    """End node NAME's membership at once: its certificates are refused by every node from their next call,
+    its replicas go elsewhere. It can come back only by joining with the join token."""
+    response = connect(controller, token).call("RevokeNode", controller_pb2.RevokeNodeRequest(name=name))
+    click.echo(f"node {name} revoked: {len(response.revoked_serials)} certificate(s) refused from now on")
+
+
 def event_row(event: controller_pb2.Event) -> dict[str, Any]:
     return {"revision": event.revision, "time": iso_time(event.time), "severity": event.severity,
             "reason": event.reason, "object": f"{event.object_kind}/{event.object_name}",
@@ -238,7 +248,7 @@ def events(follow: bool, node_name: str | None, output: str, controller: str, to
 @click.option("--rotate", is_flag=True, help="Replace the join token; the old one admits no new node.")
 @controller_options
 def join_token(rotate: bool, controller: str, token: str | None) -> None:
-    """Print the token that workers join with ([worker] join_token)."""
+    """Print the token that nodes join with ([cluster] join_token); it ends with the cluster CA's fingerprint."""
     client = connect(controller, token)
     method, request = ("RotateJoinToken", controller_pb2.RotateJoinTokenRequest()) if rotate else \
         ("GetJoinToken", controller_pb2.GetJoinTokenRequest())

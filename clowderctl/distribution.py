@@ -16,15 +16,18 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 
 from clowderctl.context import StoreContext, pass_store
+from clowderctl.controller import cluster_dialer, controller_options
 from clowderctl.output import emit_object, human_bytes, output_option
 from clowderd.distribution import credentials
 from clowderd.distribution import progress as dprogress
 from clowderd.distribution.chunk_client import DEFAULT_STREAMS
+from clowderd.distribution.errors import TransferError
 from clowderd.distribution.oci_client import OciClient
 from clowderd.distribution.pull import pull
 from clowderd.distribution.push import push
 from clowderd.distribution.refs import parse_remote
 from clowderd.errors import InvalidInput
+from clowderd.trust.enroll import speaks_tls
 
 insecure_option = click.option("--insecure", is_flag=True,
                                help="Use plain HTTP (also the case for a loopback registry that answers plain HTTP).")
@@ -118,14 +121,26 @@ def push_cmd(ctx: StoreContext, name: str, dest: str | None, insecure: bool, qui
 @insecure_option
 @quiet_option
 @output_option
+@controller_options
 @pass_store
 def pull_cmd(ctx: StoreContext, ref: str, name: str | None, streams: int, limit_rate: float | None,
-             insecure: bool, quiet: bool, output: str) -> None:
+             insecure: bool, quiet: bool, output: str, controller: str, token: str | None) -> None:
     """Pull an image from an OCI registry (HOST[:PORT]/repo[:tag]) or a Clowder node
-    (clowder://HOST:PORT/repo[:tag]) into this node's store."""
+    (clowder://HOST:PORT/repo[:tag]) into this node's store. A Clowder node asks for a certificate of its
+    cluster: the one of the node whose data dir this is, else an admin certificate for the admin token
+    (--controller and --token, as for the cluster commands)."""
     remote = parse_remote(ref)
-    result = _with_bars(quiet or output == "json", lambda p: pull(
-        ctx.store, remote, name=name, insecure=insecure, streams=streams, limit_rate=limit_rate, progress=p))
+    dialer = cluster_dialer(ctx.data_dir, controller, token) if remote.kind == "clowder" else None
+    try:
+        result = _with_bars(quiet or output == "json", lambda p: pull(
+            ctx.store, remote, name=name, insecure=insecure, streams=streams, limit_rate=limit_rate, progress=p,
+            dialer=dialer))
+    except TransferError as e:
+        if dialer is not None and not dialer.secure and speaks_tls(remote.registry):
+            raise TransferError(f"the Clowder node at {remote.registry} asks for a certificate of its cluster: run "
+                                "this on one of its nodes (with its data dir), or give the admin token (--token or "
+                                "$CLOWDER_TOKEN) and the controller (--controller or $CLOWDER_CONTROLLER)") from e
+        raise
     if output == "json":
         emit_object("json", vars(result))
     elif quiet:

@@ -18,8 +18,15 @@ The file (TOML, read with tomllib)::
     level = "info"       # debug, info, warning, error
     format = "json"      # json, text
 
+    [cluster]            # how a node without the controller role joins; one identity for all its roles
+    controller = "10.0.0.2:7070"                # the controller's public listener
+    join_token_file = "/etc/clowder/join-token"   # or join_token = "..." (default beside a controller: its file)
+    insecure = false     # true: plain gRPC between roles, no certificates, no authorization (warned at start)
+
     [controller]
-    listen = "127.0.0.1:7070"
+    listen = "127.0.0.1:7070"        # public: clowderctl (admin token) and joining nodes (join token); TLS
+    cluster_listen = "127.0.0.1:7074"  # the nodes of the cluster (Membership), mutual TLS
+    certificate_lifetime_seconds = 2592000   # node certificates (renewed at 2/3 of their life)
     heartbeat_interval_seconds = 5   # how often workers heartbeat (told to them when they join)
     heartbeat_grace_seconds = 15     # a node silent for this long is marked unreachable
     storage = "10.0.0.5:7071"        # storage node whose images are deployed (default: this process's)
@@ -33,16 +40,14 @@ The file (TOML, read with tomllib)::
     tls_key = "/etc/clowder/registry.key"
     tokens_file = "/etc/clowder/registry-tokens.toml"   # without it the API is open to all
     anonymous_read = false           # with tokens_file: may clients without a token read?
+    http_header_timeout_seconds = 20 # the request head must arrive within this (408 otherwise)
+    http_body_timeout_seconds = 60   # a request body may pause this long between bytes
+    http_max_header_bytes = 32768    # request line and headers together (431 above)
     [worker]
     listen = "127.0.0.1:7072"
-    controller = "127.0.0.1:7070"
-    join_token_file = "/etc/clowder/join-token"   # or join_token = "..." (default beside a controller: its file)
     pull_from = "local-storage"      # or "any": also pull from remote OCI registries
     [lb]
     listen = "127.0.0.1:7073"
-    controller = "127.0.0.1:7070"
-    join_token_file = "/etc/clowder/join-token"   # or join_token: sent to watch the routes (default
-                                                  # beside a controller: its file)
     http_listen = "127.0.0.1:7080"   # OpenAI-compatible HTTP API; "" turns it off
     tls_cert = "/etc/clowder/lb.crt"   # both or neither: HTTPS instead of HTTP
     tls_key = "/etc/clowder/lb.key"
@@ -52,6 +57,9 @@ The file (TOML, read with tomllib)::
     middleware = ["acme-guard"]      # installed middleware (entry points), before the built-ins
     audit_log = "/var/lib/clowder/lb/audit.log"   # hash-chained; "" turns it off (default: in data_dir)
     secrets_file = "/etc/clowder/lb-secrets.toml" # [secrets] name = "..." for signing webhooks
+    http_header_timeout_seconds = 20 # as in [storage], for the OpenAI-compatible HTTP API
+    http_body_timeout_seconds = 60
+    http_max_header_bytes = 32768
     [store]              # the content store of the storage and worker roles
     scrub_interval_seconds = 86400   # the scrub re-reads the whole store once per interval; 0 turns it off
 """
@@ -75,14 +83,15 @@ from clowderd.errors import InvalidInput
 # Canonical order; servers start and log in this order.
 ROLES = ("controller", "storage", "worker", "lb")
 
-# Default ports, one per role, consecutive so that a firewall rule is one range: 7070-7073.
+# Default ports, one per role and the controller's cluster listener, consecutive so that a firewall
+# rule is one range: 7070-7074.
 DEFAULT_PORTS = {"controller": 7070, "storage": 7071, "worker": 7072, "lb": 7073}
+DEFAULT_CLUSTER_PORT = 7074
 
-# Listening on loopback by default is deliberate. Operators of cluster services often expect
-# 0.0.0.0, but while the admin API and Membership send their tokens without TLS, a default
-# that exposes "deploy anything, drain any node" to the whole network is the wrong trade. A
-# one-node install works as is; a multi-node install sets `listen = "0.0.0.0:707x"`
-# in /etc/clowder/clowderd.toml, a one-line, explicit decision (the example config shows it).
+# Listening on loopback by default is deliberate: a one-node install needs nothing else, and a node
+# of a cluster says where it listens in /etc/clowder/clowderd.toml (`listen = "0.0.0.0:707x"`), a
+# one-line, explicit decision (the example config shows it). The listeners between roles take only
+# callers with a certificate of the cluster CA; the public ones take tokens.
 DEFAULT_HOST = "127.0.0.1"
 
 DEFAULT_DATA_DIR = "/var/lib/clowder"
@@ -91,10 +100,13 @@ DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 5.0
 DEFAULT_HEARTBEAT_GRACE_SECONDS = 15.0
 DEFAULT_SCRUB_INTERVAL_SECONDS = 86400.0  # the whole store re-read once a day (clowderd.store.scrub)
 # Written by the controller role, relative to its data dir, mode 0600: the token that admits
-# new nodes, and the token of the admin API. A worker in the same process as the controller
-# reads the join token from there unless [worker] join_token(_file) says otherwise.
+# new nodes, and the token of the admin API.
 JOIN_TOKEN_FILE = "controller/join-token"
 ADMIN_TOKEN_FILE = "controller/admin-token"
+DEFAULT_CERTIFICATE_LIFETIME_SECONDS = 30 * 86400
+# Keys that moved to [cluster]: every role of a node joins as one node, with one certificate.
+MOVED_TO_CLUSTER = ("worker.controller", "worker.join_token", "worker.join_token_file", "lb.controller",
+                    "lb.join_token", "lb.join_token_file")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 PULL_FROM = ("local-storage", "any")
@@ -125,9 +137,17 @@ class Address:
 @dataclass
 class RoleConfig:
     listen: Address
-    # Where the worker and lb roles reach the controller. None for controller and storage, and
-    # for worker and lb when the controller role runs in the same process.
-    controller: Address | None = None
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What an HTTP server of clowderd (clowderd.httpserver) allows a client, as nginx's
+    client_header_timeout, client_body_timeout and large_client_header_buffers do: a client that
+    holds a connection without sending its request, or sends huge headers, costs the server memory
+    and a connection slot."""
+    header_timeout_seconds: float = 20.0   # from the connection (or the request's first byte) to its head's end
+    body_timeout_seconds: float = 60.0     # the longest pause between two reads of a request body
+    max_header_bytes: int = 32 * 1024      # the request line and headers together
 
 
 # The storage role's OCI Distribution HTTP API (clowderd.storage.http).
@@ -141,6 +161,7 @@ class RegistryHTTPConfig:
     tls_key: str | None = None
     tokens_file: str | None = None  # None: no authentication (every client may read and push)
     anonymous_read: bool = False  # with tokens_file: whether clients without a token may read
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 # The lb role's OpenAI-compatible HTTP API (clowderd.lb.openai_http).
@@ -159,6 +180,7 @@ class LbHTTPConfig:
     middleware: list[str] = field(default_factory=list)
     audit_log: str | None = ""    # "": <data_dir>/lb/audit.log; None: off
     secrets_file: str | None = None
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass
@@ -174,14 +196,18 @@ class Config:
     # Where the worker pulls aimages from: "local-storage" (only the storage node it is told to
     # use, clowder://) or "any" (also remote OCI registries).
     worker_pull_from: str = "local-storage"
-    # How the worker proves it may join: the token itself, or a file holding it (read at each
-    # join, so that a rotated token is picked up). One of them, or neither with the controller
-    # role in this process (then its JOIN_TOKEN_FILE).
-    worker_join_token: str | None = None
-    worker_join_token_file: str | None = None
-    # The same for the lb, which shows it to watch the routes; neither: no credential is sent.
-    lb_join_token: str | None = None
-    lb_join_token_file: str | None = None
+    # The controller's public listener, where this node joins; None: the controller role of this process.
+    cluster_controller: Address | None = None
+    # How the node proves it may join: the token itself, or a file holding it (read when it joins, so
+    # that a rotated token is picked up). One of them, or neither with the controller role in this
+    # process (then its JOIN_TOKEN_FILE).
+    join_token: str | None = None
+    join_token_file: str | None = None
+    # Plain gRPC between roles: no certificates and no authorization between roles.
+    insecure: bool = False
+    # The controller's listener for the nodes of the cluster (mutual TLS).
+    controller_cluster_listen: Address = field(default_factory=lambda: Address(DEFAULT_HOST, DEFAULT_CLUSTER_PORT))
+    certificate_lifetime_seconds: float = DEFAULT_CERTIFICATE_LIFETIME_SECONDS
     # The storage node whose Registry service the controller resolves images at, and workers pull
     # from; None: the storage role of this process.
     controller_storage: Address | None = None
@@ -202,6 +228,13 @@ class Config:
     def where(self, key: str) -> str:
         """How to name the setting `key` in a message: the flag or "FILE: key"."""
         return self.sources.get(key) or f"{key} (default)"
+
+    @property
+    def standalone(self) -> bool:
+        """A node of no cluster: a storage node (an OCI registry and a plain gRPC chunk API) or a worker driven
+        by hand (Worker.LoadReplica), for development and tests. It joins nothing, which only insecure = true
+        allows: without a cluster CA there is no certificate to ask callers for."""
+        return self.insecure and set(self.roles) <= {"storage", "worker"} and self.cluster_controller is None
 
 
 def parse_address(value: Any, where: str, *, allow_port_zero: bool) -> Address:
@@ -252,6 +285,8 @@ def parse_roles(value: Any, where: str) -> tuple[str, ...]:
     return tuple(r for r in ROLES if r in items)
 
 
+HTTP_LIMIT_KEYS = ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_max_header_bytes")
+
 # Schema of the file: key -> kind. A nested dict is a table.
 _SCHEMA: dict[str, Any] = {
     "data_dir": "str",
@@ -260,17 +295,17 @@ _SCHEMA: dict[str, Any] = {
     "shutdown_grace_seconds": "seconds",
     "labels": "labels",
     "log": {"level": "level", "format": "format"},
-    "controller": {"listen": "listen", "heartbeat_interval_seconds": "seconds",
+    "cluster": {"controller": "connect", "join_token": "str", "join_token_file": "path", "insecure": "bool"},
+    "controller": {"listen": "listen", "cluster_listen": "listen", "heartbeat_interval_seconds": "seconds",
                    "heartbeat_grace_seconds": "seconds", "storage": "connect", "strategy": "strategy",
-                   "deploy": "deployments"},
+                   "deploy": "deployments", "certificate_lifetime_seconds": "seconds"},
     "storage": {"listen": "listen", "http_listen": "listen", "tls_cert": "path", "tls_key": "path",
-                "tokens_file": "path", "anonymous_read": "bool"},
-    "worker": {"listen": "listen", "controller": "connect", "pull_from": "pull_from", "join_token": "str",
-               "join_token_file": "path"},
-    "lb": {"listen": "listen", "controller": "connect", "join_token": "str", "join_token_file": "path",
-           "http_listen": "listen", "tls_cert": "path",
+                "tokens_file": "path", "anonymous_read": "bool", **{k: "http_limit" for k in HTTP_LIMIT_KEYS}},
+    "worker": {"listen": "listen", "pull_from": "pull_from"},
+    "lb": {"listen": "listen", "http_listen": "listen", "tls_cert": "path",
            "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
-           "middleware": "names", "audit_log": "path", "secrets_file": "path"},
+           "middleware": "names", "audit_log": "path", "secrets_file": "path",
+           **{k: "http_limit" for k in HTTP_LIMIT_KEYS}},
     "store": {"scrub_interval_seconds": "seconds"},
 }
 
@@ -279,6 +314,9 @@ def _check_tree(data: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
                 out: dict[str, Any]) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED_TO_CLUSTER:
+            raise ConfigError(f"{file}: {dotted} moved to [cluster] {key}: every role of a node joins the cluster "
+                              "as one node")
         if key not in schema:
             known = ", ".join(sorted(schema))
             where = f"[{prefix[:-1]}]" if prefix else "the top level"
@@ -389,19 +427,12 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
             listen = Address(DEFAULT_HOST, DEFAULT_PORTS[role])
             sources.setdefault(key, f"{key} (default {listen})")
         cfg.role[role] = RoleConfig(listen=listen)
-    for role in ("worker", "lb"):
-        key = f"{role}.controller"
-        if key in raw:
-            cfg.role[role].controller = parse_address(raw[key], w(key), allow_port_zero=False)
-        elif "controller" in cfg.roles:
-            # None: the controller of this same process, reached over gRPC like a remote one;
-            # resolved when its port is bound (see Process.controller_address).
-            cfg.role[role].controller = None
-        elif role in cfg.roles:
-            where = f"{file_path}: {key}" if file_path else key
-            raise ConfigError(f"{where}: required when the {role} role runs without the controller "
-                              f"role in the same process (set [{role}] controller = \"HOST:PORT\" "
-                              "or --controller HOST:PORT)")
+    if "controller.cluster_listen" in raw:
+        cfg.controller_cluster_listen = parse_address(raw["controller.cluster_listen"], w("controller.cluster_listen"),
+                                                      allow_port_zero=True)
+    else:
+        sources.setdefault("controller.cluster_listen",
+                           f"controller.cluster_listen (default {cfg.controller_cluster_listen})")
 
     cfg.registry_http = _registry_http(raw, w)
     cfg.lb_http = _lb_http(raw, w)
@@ -420,6 +451,8 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
 
     seen: dict[Address, str] = {}
     listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]
+    if "controller" in cfg.roles:
+        listens.append(("controller.cluster_listen", cfg.controller_cluster_listen, "the controller's cluster listener"))
     if "storage" in cfg.roles and cfg.registry_http.listen is not None:
         listens.append(("storage.http_listen", cfg.registry_http.listen, "the storage HTTP API"))
     if "lb" in cfg.roles and cfg.lb_http.listen is not None:
@@ -440,7 +473,7 @@ def _seconds(raw: Mapping[str, Any], w: Any, key: str, default: float, low: floa
 
 
 def _membership(cfg: Config, raw: Mapping[str, Any], w: Any, file_path: str | None) -> None:
-    """The heartbeat timing of [controller] and the join tokens of [worker] and [lb]."""
+    """The heartbeat timing and certificates of [controller], and [cluster]: where and how the node joins."""
     cfg.heartbeat_interval_seconds = _seconds(raw, w, "controller.heartbeat_interval_seconds",
                                               DEFAULT_HEARTBEAT_INTERVAL_SECONDS, 0.1, 300)
     cfg.heartbeat_grace_seconds = _seconds(raw, w, "controller.heartbeat_grace_seconds",
@@ -449,26 +482,34 @@ def _membership(cfg: Config, raw: Mapping[str, Any], w: Any, file_path: str | No
         raise ConfigError(f"{w('controller.heartbeat_grace_seconds')}: {cfg.heartbeat_grace_seconds:g} is less "
                           f"than twice controller.heartbeat_interval_seconds ({cfg.heartbeat_interval_seconds:g}); "
                           "one late heartbeat would mark a node unreachable")
-    cfg.worker_join_token, cfg.worker_join_token_file = _join_token(cfg, raw, w, "worker")
-    if "worker" in cfg.roles and cfg.worker_join_token is None and cfg.worker_join_token_file is None:
-        where = f"{file_path}: worker" if file_path else "worker"
-        raise ConfigError(f"{where}: join_token or join_token_file is required when the worker role runs "
-                          "without the controller role in the same process (`clowderctl token` on the "
-                          f"controller prints it; it is also in the controller's DATA_DIR/{JOIN_TOKEN_FILE})")
-    cfg.lb_join_token, cfg.lb_join_token_file = _join_token(cfg, raw, w, "lb")
-
-
-def _join_token(cfg: Config, raw: Mapping[str, Any], w: Any, section: str) -> tuple[str | None, str | None]:
-    """[section] join_token or join_token_file; neither: the controller's file when it runs here."""
-    token = raw.get(f"{section}.join_token")
+    cfg.certificate_lifetime_seconds = _seconds(raw, w, "controller.certificate_lifetime_seconds",
+                                                DEFAULT_CERTIFICATE_LIFETIME_SECONDS, 10, 10 * 365 * 86400)
+    insecure = raw.get("cluster.insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{w('cluster.insecure')}: expected true or false, got {insecure!r}")
+    cfg.insecure = insecure
+    if "cluster.controller" in raw:
+        cfg.cluster_controller = parse_address(raw["cluster.controller"], w("cluster.controller"), allow_port_zero=False)
+    token = raw.get("cluster.join_token")
     if token is not None and (not isinstance(token, str) or not token.strip()):
-        raise ConfigError(f"{w(f'{section}.join_token')}: expected the join token as a non-empty string")
-    token_file = _paths(raw, w, section, ("join_token_file",))["join_token_file"]
+        raise ConfigError(f"{w('cluster.join_token')}: expected the join token as a non-empty string")
+    token_file = _paths(raw, w, "cluster", ("join_token_file",))["join_token_file"]
     if token is not None and token_file is not None:
-        raise ConfigError(f"{w(f'{section}.join_token')}: set join_token or join_token_file, not both")
-    if token is None and token_file is None and "controller" in cfg.roles:
-        token_file = os.path.join(cfg.data_dir, JOIN_TOKEN_FILE)
-    return token, token_file
+        raise ConfigError(f"{w('cluster.join_token')}: set join_token or join_token_file, not both")
+    if "controller" in cfg.roles:
+        if token is None and token_file is None:
+            token_file = os.path.join(cfg.data_dir, JOIN_TOKEN_FILE)
+    elif not cfg.standalone:
+        where = f"{file_path}: cluster" if file_path else "cluster"
+        if cfg.cluster_controller is None:
+            raise ConfigError(f"{where}: controller is required when this node runs without the controller role "
+                              "(set [cluster] controller = \"HOST:7070\", the controller's public listener, or "
+                              "--controller HOST:PORT; a storage node or worker of no cluster needs insecure = true)")
+        if token is None and token_file is None:
+            raise ConfigError(f"{where}: join_token or join_token_file is required when this node runs without the "
+                              "controller role (`clowderctl token` on the controller prints it; it is also in the "
+                              f"controller's DATA_DIR/{JOIN_TOKEN_FILE})")
+    cfg.join_token, cfg.join_token_file = token, token_file
 
 
 def _deployments(cfg: Config, raw: Mapping[str, Any], w: Any) -> None:
@@ -538,7 +579,21 @@ def _lb_http(raw: Mapping[str, Any], w: Any) -> LbHTTPConfig:
     if "lb.audit_log" in raw:
         audit_log = os.path.abspath(os.path.expanduser(audit_log)) if audit_log else None
     return LbHTTPConfig(_http_listen(raw, w, "lb", DEFAULT_LB_HTTP_PORT), paths["tls_cert"], paths["tls_key"],
-                        max_body, paths["keys_file"], rpm, list(middleware), audit_log, paths["secrets_file"])
+                        max_body, paths["keys_file"], rpm, list(middleware), audit_log, paths["secrets_file"],
+                        _http_limits(raw, w, "lb"))
+
+
+def _http_limits(raw: Mapping[str, Any], w: Any, section: str) -> HttpLimits:
+    """[section] http_header_timeout_seconds, http_body_timeout_seconds and http_max_header_bytes."""
+    default = HttpLimits()
+    key = f"{section}.http_max_header_bytes"
+    max_header = raw.get(key, default.max_header_bytes)
+    if isinstance(max_header, bool) or not isinstance(max_header, int) or not 1024 <= max_header <= 1 << 20:
+        raise ConfigError(f"{w(key)}: expected a number of bytes from 1024 to 1048576, got {max_header!r}")
+    return HttpLimits(
+        _seconds(raw, w, f"{section}.http_header_timeout_seconds", default.header_timeout_seconds, 0.1, 3600),
+        _seconds(raw, w, f"{section}.http_body_timeout_seconds", default.body_timeout_seconds, 0.1, 3600),
+        max_header)
 
 
 def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
@@ -554,7 +609,8 @@ def _registry_http(raw: Mapping[str, Any], w: Any) -> RegistryHTTPConfig:
             raise ConfigError(f"{w('storage.anonymous_read')}: false needs storage.tokens_file, else no "
                               "client could read; without tokens_file the API is open to all")
         anonymous_read = v
-    return RegistryHTTPConfig(listen, paths["tls_cert"], paths["tls_key"], paths["tokens_file"], anonymous_read)
+    return RegistryHTTPConfig(listen, paths["tls_cert"], paths["tls_key"], paths["tokens_file"], anonymous_read,
+                              _http_limits(raw, w, "storage"))
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:
@@ -564,18 +620,17 @@ def as_dict(cfg: Config) -> dict[str, Any]:
         "roles": list(cfg.roles), "shutdown_grace_seconds": cfg.shutdown_grace_seconds,
         "labels": dict(cfg.labels), "log": {"level": cfg.log_level, "format": cfg.log_format},
     }
+    d["cluster"] = {"controller": str(cfg.cluster_controller or "this process"), "insecure": cfg.insecure,
+                    "join_token_file": cfg.join_token_file}  # the token itself stays out of logs
     for r in cfg.roles:
-        rc = cfg.role[r]
-        d[r] = {"listen": str(rc.listen)}
-        if rc.controller:
-            d[r]["controller"] = str(rc.controller)
+        d[r] = {"listen": str(cfg.role[r].listen)}
     if "controller" in cfg.roles:
-        d["controller"].update({"heartbeat_interval_seconds": cfg.heartbeat_interval_seconds,
+        d["controller"].update({"cluster_listen": str(cfg.controller_cluster_listen),
+                                "certificate_lifetime_seconds": cfg.certificate_lifetime_seconds,
+                                "heartbeat_interval_seconds": cfg.heartbeat_interval_seconds,
                                 "heartbeat_grace_seconds": cfg.heartbeat_grace_seconds,
                                 "storage": str(cfg.controller_storage or "this process"),
                                 "strategy": cfg.controller_strategy, "deploy": dict(cfg.controller_deploy)})
-    if "worker" in cfg.roles:
-        d["worker"]["join_token_file"] = cfg.worker_join_token_file  # the token itself stays out of logs
     if "lb" in cfg.roles:
         d["lb"].update({"http_listen": str(cfg.lb_http.listen) if cfg.lb_http.listen else "",
                         "tls": cfg.lb_http.tls_cert is not None, "max_body_bytes": cfg.lb_http.max_body_bytes})

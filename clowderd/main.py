@@ -40,7 +40,9 @@ def _fail(message: str) -> "click.exceptions.Exit":
     return click.exceptions.Exit(EXIT_USAGE)
 
 
-async def _serve(cfg) -> None:
+async def _serve(cfg) -> int:
+    """Run the process until it stops; its exit status (EXIT_USAGE when the cluster refused or revoked
+    the node)."""
     # Imported here so that `clowderd --help` and config errors do not need the generated stubs.
     from clowderd.server import Process
 
@@ -53,6 +55,7 @@ async def _serve(cfg) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    return process.exit_status
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -67,8 +70,8 @@ async def _serve(cfg) -> None:
 @click.option("--worker-listen", metavar="HOST:PORT", help="[default: 127.0.0.1:7072]")
 @click.option("--lb-listen", metavar="HOST:PORT", help="[default: 127.0.0.1:7073]")
 @click.option("--controller", "controller_addr", metavar="HOST:PORT",
-              help="Controller address for the worker and lb roles [default: the controller "
-                   "role of this process].")
+              help="The controller's public listener, where a node without the controller role joins "
+                   "[default: the controller role of this process].")
 @click.option("--deploy", "deploy", metavar="NAME=IMAGE", multiple=True,
               help="Create deployment NAME of IMAGE (one replica) when the controller starts, unless it "
                    "exists; repeatable. Adds to [controller.deploy].")
@@ -90,12 +93,11 @@ def cli(config_path, roles, data_dir, node_name, controller_listen, storage_list
         "roles": roles, "data_dir": data_dir, "node_name": node_name,
         "controller.listen": controller_listen, "storage.listen": storage_listen,
         "worker.listen": worker_listen, "lb.listen": lb_listen,
-        "worker.controller": controller_addr, "lb.controller": controller_addr,
+        "cluster.controller": controller_addr,
         "log.level": log_level, "log.format": log_format,
     }
     try:
-        cfg = build_config(config_path, flags, {"worker.controller": "--controller",
-                                                "lb.controller": "--controller"})
+        cfg = build_config(config_path, flags, {"cluster.controller": "--controller"})
     except ConfigError as e:
         raise _fail(str(e))
     try:
@@ -108,7 +110,7 @@ def cli(config_path, roles, data_dir, node_name, controller_listen, storage_list
                                 "config": cfg.config_path, "roles": list(cfg.roles)})
     log.debug("effective config", extra={"settings": as_dict(cfg)})
     try:
-        asyncio.run(_serve(cfg))
+        status = asyncio.run(_serve(cfg))
     except ClowderError as e:
         # Cannot start: data dir locked, address in use, ... One line, in the log format.
         log.error(f"cannot start: {e}")
@@ -118,6 +120,8 @@ def cli(config_path, roles, data_dir, node_name, controller_listen, storage_list
     except Exception:
         log.exception("crashed")
         raise click.exceptions.Exit(EXIT_CRASH)
+    if status:
+        raise click.exceptions.Exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,16 @@ Lifecycle (``Process.run``):
 
 1. ``lock_data_dir``: create the data dir (0750) and take an exclusive flock on
    ``<data_dir>/clowderd.lock``; a second clowderd on the same dir fails here.
-2. ``start``: check that every listen address can be bound, then create one server per role,
-   register that role's services (``clowderd.<role>.service.register``) and ``clowder.v1.Node``
-   on it, bind all of them, and only then start them, so a bad address starts nothing.
-   Logs one "serving" line per role and tells systemd READY=1 (``Type=notify``).
-   Then the background tasks of ``run_in_background`` start.
+2. ``start``: check that every listen address can be bound; become a member of the cluster (the
+   controller role issues its own process a certificate from the cluster CA; another node uses the
+   identity it has, or joins with the join token: clowderd.member.join); then create one server per
+   listener, register that role's services (``clowderd.<role>.service.register``) and
+   ``clowder.v1.Node`` on it, bind all of them, and only then start them, so a bad address starts
+   nothing. Listeners between roles (storage, worker, the controller's cluster listener) are mutual
+   TLS and authorize every call (clowderd.trust.authz); the public ones (the controller's, the lb's)
+   are TLS with no client certificate (the controller's) and take tokens. Logs one "serving" line per
+   listener and tells systemd READY=1 (``Type=notify``). Then the background tasks of
+   ``run_in_background`` start, the membership session (clowderd.member.agent) among them.
 3. Wait for ``request_stop`` (SIGTERM / SIGINT in ``main``).
 4. ``shutdown``: Node.Watch streams get STOPPING and end; background tasks are cancelled; every
    server stops taking new calls and in-flight calls get ``shutdown_grace_seconds`` to finish,
@@ -29,6 +34,8 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -37,6 +44,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from clowder.v1 import common_pb2, node_pb2, node_pb2_grpc
 from clowderd.config import Address, Config, ConfigError
 from clowderd.errors import ClowderError
+from clowderd.trust import certs
+from clowderd.trust.authz import Authorizer, Revocations
+from clowderd.trust.dial import Dialer
 from clowderd.version import __version__
 
 log = logging.getLogger("clowderd")
@@ -60,6 +70,23 @@ SERVER_OPTIONS = [
 
 ShutdownCallback = Callable[[], Awaitable[Any]]
 BackgroundLoop = Callable[[], Awaitable[Any]]
+Registrar = Callable[[grpc.aio.Server, "Process"], None]
+
+EXIT_REFUSED = 2  # the cluster refused or revoked this node: as for a bad config, a person has to act
+JOIN_STATUS_EXTEND_S = 60  # while waiting to join, systemd is asked for this much more start-up time
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One gRPC listener of the process: its name (in logs and `allow`), the role it serves, where,
+    whether it is mutual TLS (between roles) or public, and what registers its services."""
+
+    name: str
+    role: str
+    address: Address
+    where: str
+    mutual: bool
+    register: Registrar
 
 
 class StartupError(ClowderError):
@@ -89,17 +116,24 @@ def unimplemented_servicer(servicer_cls: type, file_descriptor: Any, service_nam
     older or partial clowderd learns exactly what is missing. Subclass the result's class and
     override methods one by one as they are implemented.
     """
+    return refusing_servicer(servicer_cls, file_descriptor, service_name, grpc.StatusCode.UNIMPLEMENTED,
+                             f"{{method}} is not implemented in clowderd {__version__}")
+
+
+def refusing_servicer(servicer_cls: type, file_descriptor: Any, service_name: str, code: grpc.StatusCode,
+                      message: str) -> Any:
+    """An instance of the generated servicer_cls whose every method fails with code and message (in which
+    "{method}" names the full method)."""
     service = file_descriptor.services_by_name[service_name]
 
     def make(full_name: str) -> Callable[..., Any]:
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                f"{full_name} is not implemented in clowderd {__version__}")
+            await context.abort(code, message.format(method=full_name))
         handler.__name__ = full_name.rsplit("/", 1)[1]
         return handler
 
     methods = {m.name: make(f"/{service.full_name}/{m.name}") for m in service.methods}
-    cls = type(f"Unimplemented{service_name}Servicer", (servicer_cls,), methods)
+    cls = type(f"Refusing{service_name}Servicer", (servicer_cls,), methods)
     return cls()
 
 
@@ -203,7 +237,7 @@ def check_bindable(addr: Address, where: str) -> None:
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
-    """clowder.v1.Node, served on every role's listener."""
+    """clowder.v1.Node, served on every listener."""
 
     def __init__(self, process: "Process", role: str):
         self._p = process
@@ -223,8 +257,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             serving_role=ROLE_ENUM[self._role],
             started_at=started,
             uptime=uptime,
-            listeners=[common_pb2.Listener(role=ROLE_ENUM[r], address=a, protocol="grpc")
-                       for r, a in p.listeners.items()],
+            listeners=p.listener_messages(),
             api_versions=["v1"],
             node_id=p.node_id,
             pid=os.getpid(),
@@ -262,10 +295,14 @@ class Process:
         self.config = config
         self.started_at_ns = time.time_ns()
         self.started_monotonic_ns = time.monotonic_ns()
-        self.node_id = ""  # set when the node joins a controller
+        self.membership = None  # clowderd.member.join.Membership, once the node is a member
+        self.revocations = Revocations()  # what the cluster no longer trusts, kept by the membership session
+        self.dialer = Dialer(None)  # channels to other roles; given the node's identity once it has one
+        self.role_reports: list = []  # what roles add to the membership session (clowderd.member.agent)
         self.local_replicas = None  # the worker role's ReplicaManager, when it runs in this process
-        self.listeners: dict[str, str] = {}  # role -> "host:port" as bound
+        self.listeners: dict[str, str] = {}  # listener name -> "host:port" as bound
         self.servers: dict[str, grpc.aio.Server] = {}
+        self.exit_status = 0
         self.state = node_pb2.SERVING_STATE_STARTING
         self.state_since_ns = time.time_ns()
         self._state_changed = asyncio.Condition()
@@ -275,6 +312,12 @@ class Process:
         self._background: list[tuple[str, BackgroundLoop]] = []
         self._background_tasks: list[asyncio.Task] = []
         self._lock_fd: int | None = None
+        self._authorizers: dict[str, Authorizer] = {}
+        self._listener_specs: dict[str, Listener] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.membership.node_id if self.membership is not None else ""
 
     # -- hooks for components
 
@@ -293,13 +336,38 @@ class Process:
         then, before the servers stop). An exception ends the task and is logged."""
         self._background.append((name, loop))
 
+    def allow(self, listener: str, service: str, methods: dict[str, tuple[str, ...]]) -> None:
+        """Open methods of a service on a listener between roles to the roles named for each (see
+        clowderd.trust.authz); nothing to do on a public listener or with insecure = true."""
+        authorizer = self._authorizers.get(listener)
+        if authorizer is not None:
+            authorizer.allow(service, methods)
+
+    def joining(self, status: str) -> None:
+        """While the node waits to join: tell systemd what it waits for, and that it needs more time."""
+        sd_notify(f"STATUS={status}\nEXTEND_TIMEOUT_USEC={JOIN_STATUS_EXTEND_S * 1_000_000}")
+
+    def fail(self, message: str) -> None:
+        """Stop with exit status EXIT_REFUSED, saying why (the cluster revoked or refused this node)."""
+        log.error(message)
+        self.exit_status = EXIT_REFUSED
+        self.request_stop("refused by the cluster")
+
+    def listener_messages(self) -> list[common_pb2.Listener]:
+        out = []
+        for name, address in self.listeners.items():
+            spec = self._listener_specs[name]
+            secure = not self.config.insecure
+            tls = (self.config.lb_http.tls_cert is not None) if spec.role == "lb" else secure
+            protocol = "grpc+mtls" if spec.mutual and secure else "grpc+tls" if tls else "grpc"
+            out.append(common_pb2.Listener(role=ROLE_ENUM[spec.role], address=address, protocol=protocol, name=name))
+        return out
+
     def node_info(self) -> common_pb2.NodeInfo:
         """This process as it describes itself to the controller (without its inventory)."""
         return common_pb2.NodeInfo(
             name=self.config.node_name, node_id=self.node_id, roles=[ROLE_ENUM[r] for r in self.config.roles],
-            labels=self.config.labels, version=__version__,
-            listeners=[common_pb2.Listener(role=ROLE_ENUM[r], address=a, protocol="grpc")
-                       for r, a in self.listeners.items()])
+            labels=self.config.labels, version=__version__, listeners=self.listener_messages())
 
     async def _run_background(self, name: str, loop: BackgroundLoop) -> None:
         try:
@@ -317,50 +385,143 @@ class Process:
             self.state_since_ns = time.time_ns()
             self._state_changed.notify_all()
 
+    def _listeners(self, controller_role: Any) -> list[Listener]:
+        cfg = self.config
+        out = []
+        for role in cfg.roles:
+            where = cfg.where(f"{role}.listen")
+            if role == "controller":
+                out.append(Listener("controller", role, cfg.role[role].listen, where, False,
+                                    controller_role.register_public))
+                out.append(Listener("cluster", role, cfg.controller_cluster_listen,
+                                    cfg.where("controller.cluster_listen"), True, controller_role.register_cluster))
+            else:
+                module = importlib.import_module(f"clowderd.{role}.service")
+                out.append(Listener(role, role, cfg.role[role].listen, where, role != "lb", module.register))
+        return out
+
+    def _credentials(self, listener: Listener) -> grpc.ServerCredentials | None:
+        """The listener's TLS credentials; None for plain gRPC."""
+        identity = self.membership.identity
+        if listener.role == "lb":  # users': the certificate they trust, as for the lb's HTTP API
+            http = self.config.lb_http
+            if http.tls_cert is None:
+                return None
+            with open(http.tls_key, "rb") as key, open(http.tls_cert, "rb") as cert:
+                return grpc.ssl_server_credentials([(key.read(), cert.read())])
+        if identity is None:
+            return None
+        return identity.server_credentials(client_certificates=listener.mutual)
+
+    async def _become_member(self) -> Any:
+        """The controller role (made first: its CA gives this process its identity), if this process runs it,
+        and the process's membership."""
+        if "controller" in self.config.roles:
+            from clowderd.controller import service as controller_service
+
+            controller_role, self.membership = await controller_service.prepare(self)
+        elif self.config.standalone:
+            from clowderd.member.join import Membership
+
+            controller_role, self.membership = None, Membership("", "", None)
+        else:
+            from clowderd.member.join import become_member
+
+            controller_role, self.membership = None, await become_member(self)
+        self.dialer.identity = self.membership.identity
+        if self.config.insecure:
+            log.warning("insecure = true: the listeners between roles take plain gRPC from anyone who reaches them; "
+                        "no certificates, no authorization between roles (a worker generates for any caller, a "
+                        "storage node sends its chunks to any caller)")
+        return controller_role
+
     async def start(self) -> None:
         cfg = self.config
         if self._lock_fd is None:
             self._lock_fd = lock_data_dir(cfg.data_dir, cfg.where("data_dir"))
         for role in cfg.roles:
             check_bindable(cfg.role[role].listen, cfg.where(f"{role}.listen"))
-        for role in cfg.roles:
-            server = grpc.aio.server(options=SERVER_OPTIONS)
-            node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self, role), server)
-            module = importlib.import_module(f"clowderd.{role}.service")
-            module.register(server, self)
-            addr = cfg.role[role].listen
+        if "controller" in cfg.roles:
+            check_bindable(cfg.controller_cluster_listen, cfg.where("controller.cluster_listen"))
+        controller_role = await self._become_member()
+        for listener in self._listeners(controller_role):
+            interceptors = []
+            if listener.mutual and self.membership.identity is not None:
+                self._authorizers[listener.name] = Authorizer(listener.name, self.revocations)
+                interceptors.append(self._authorizers[listener.name])
+            server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+            node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self, listener.role), server)
+            self.allow(listener.name, "clowder.v1.Node", {"GetInfo": certs.ROLES, "Watch": certs.ROLES})
+            self._listener_specs[listener.name] = listener
+            listener.register(server, self)
+            credentials = self._credentials(listener)
             try:
-                port = server.add_insecure_port(str(addr))
+                port = (server.add_secure_port(str(listener.address), credentials) if credentials is not None
+                        else server.add_insecure_port(str(listener.address)))
             except RuntimeError as e:
-                raise StartupError(f"{cfg.where(role + '.listen')}: cannot listen on {addr}: "
-                                   f"{e}") from None
+                raise StartupError(f"{listener.where}: cannot listen on {listener.address}: {e}") from None
             if port == 0:
-                raise StartupError(f"{cfg.where(role + '.listen')}: cannot listen on {addr}")
-            self.servers[role] = server
-            self.listeners[role] = str(Address(addr.host, port))
-        for role, server in self.servers.items():
+                raise StartupError(f"{listener.where}: cannot listen on {listener.address}")
+            self.servers[listener.name] = server
+            self.listeners[listener.name] = str(Address(listener.address.host, port))
+        for server in self.servers.values():
             await server.start()
-        for role in ("worker", "lb"):
-            if role in self.servers:
-                log.debug("controller address", extra={"role": role,
-                                                       "controller": self.controller_address(role)})
         await self._set_state(node_pb2.SERVING_STATE_SERVING)
-        for role in self.servers:
-            log.info("serving", extra={"role": role, "addr": self.listeners[role]})
+        for name in self.servers:
+            log.info("serving", extra={"role": self._listener_specs[name].role, "listener": name,
+                                       "addr": self.listeners[name]})
+        if not self.config.standalone:
+            self._start_membership()
         self._background_tasks = [asyncio.create_task(self._run_background(name, loop), name=name)
                                   for name, loop in self._background]
         sd_notify("READY=1\nSTATUS=serving " + ", ".join(
             f"{r} on {a}" for r, a in self.listeners.items()))
 
-    def controller_address(self, role: str) -> str:
-        """Where the worker or lb role reaches the controller: the configured address, else the
-        controller role of this process (its bound port; a wildcard host becomes loopback)."""
-        configured = self.config.role[role].controller
-        if configured is not None:
-            return str(configured)
-        bound = self.listeners.get("controller")
+    def _start_membership(self) -> None:
+        from clowderd.inventory import Inventory
+        from clowderd.member.agent import MemberAgent
+        from clowderd.member.join import current_cluster_address, read_join_token, remember_cluster_address
+
+        inventory = Inventory(self.config.data_dir)
+
+        async def rediscover() -> None:
+            identity = self.membership.identity
+            address = await current_cluster_address(self.controller_address(),
+                                                    identity.material.ca if identity is not None else None)
+            if address is not None and address != self.membership.cluster_address:
+                remember_cluster_address(Path(self.config.data_dir), self.membership, address)
+
+        agent = MemberAgent(
+            membership=self.membership, cluster_address=self.cluster_address, dialer=self.dialer,
+            node_info=self.node_info, inventory=inventory, revocations=self.revocations, roles=self.config.roles,
+            role_reports=self.role_reports,
+            join_token=lambda: read_join_token(self.config.join_token, self.config.join_token_file),
+            on_revoked=self.fail, rediscover=None if "controller" in self.config.roles else rediscover)
+        self.run_in_background(agent.run, "membership")
+
+        async def close_inventory() -> None:
+            inventory.close()
+
+        self.on_shutdown(close_inventory, "close NVML")
+
+    def controller_address(self) -> str:
+        """The controller's public listener: configured, else the controller role of this process."""
+        if self.config.cluster_controller is not None:
+            return str(self.config.cluster_controller)
+        return self._local("controller")
+
+    def cluster_address(self) -> str:
+        """Where this node reaches Membership: the controller's cluster listener, as the controller said
+        when the node joined, or the one of this process."""
+        if "cluster" in self.listeners:
+            return self._local("cluster")
+        return self.membership.cluster_address
+
+    def _local(self, listener: str) -> str:
+        """The bound address of a listener of this process, a wildcard host as loopback."""
+        bound = self.listeners.get(listener)
         if bound is None:
-            raise RuntimeError("controller address asked before the controller was bound")
+            raise RuntimeError(f"the address of the {listener} listener asked before it was bound")
         host, port = bound.rsplit(":", 1)
         host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
         return f"{host}:{port}"

@@ -9,10 +9,16 @@ The ``clowderd`` fixture is a factory::
         assert proc.stop() == 0
 
 It picks free loopback ports, writes a TOML config into a temporary directory, starts
-``python -m clowderd.main --config FILE`` (no install needed) and waits until every role answers
+``python -m clowderd.main --config FILE`` (no install needed) and waits until every listener answers
 ``clowder.v1.Node/GetInfo`` over gRPC. With ``wait=False`` it returns at once, for tests that
 expect the program to fail (``proc.wait()`` then gives the exit status). Teardown stops every
 process still running (SIGTERM, then SIGKILL).
+
+Channels to a process (``proc.channel(listener)``) speak as the process itself would: mutual TLS with
+the certificate in its data dir on the listeners between roles (storage, worker, cluster), TLS checked
+against its cluster CA on the controller's public listener. A storage-only process with no controller
+given runs as a node of no cluster (`insecure = true`); an lb needs a controller to join (see
+tests/cluster_fixtures.py).
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_ROLES = ("controller", "storage", "worker", "lb")
-START_TIMEOUT = 20.0
+MUTUAL_TLS = ("storage", "worker", "cluster")  # listeners between roles
+START_TIMEOUT = 30.0
 
 
 _handed_out: set[int] = set()
@@ -96,6 +103,8 @@ class ClowderdProcess:
         self.addresses: dict[str, str] = {
             r: config[r]["listen"] for r in roles if isinstance(config.get(r), dict)
             and "listen" in config[r]}
+        if "controller" in roles:
+            self.addresses["cluster"] = config["controller"]["cluster_listen"]
         self.stderr_path = workdir / "stderr.log"
         self.stdout_path = workdir / "stdout.log"
         self.config_path.write_text(to_toml(config))
@@ -140,11 +149,41 @@ class ClowderdProcess:
                                 f"{self.stderr_text()}")
         return out
 
-    def channel(self, role: str) -> grpc.Channel:
-        """A (sync) gRPC channel to the role's address, closed at teardown."""
-        ch = grpc.insecure_channel(self.addresses[role])
-        self._channels.append(ch)
-        return ch
+    @property
+    def insecure(self) -> bool:
+        return bool(self.config.get("cluster", {}).get("insecure"))
+
+    def identity(self):
+        """The process's NodeIdentity (its certificate), None until it has one or with insecure = true."""
+        from clowderd.trust.identity import NodeIdentity
+
+        return None if self.insecure else NodeIdentity.load(self.data_dir)
+
+    def ca(self) -> bytes | None:
+        """The cluster CA the process trusts (PEM); None with insecure = true or before it has one."""
+        identity = self.identity()
+        return identity.material.ca if identity is not None else None
+
+    def open_channel(self, listener: str) -> grpc.Channel:
+        """A (sync) gRPC channel to a listener ("controller", "cluster", "storage", "worker", "lb") that
+        presents the process's own certificate where one is asked; the caller closes it."""
+        from clowderd.trust.dial import Dialer, public_channel
+
+        address = self.addresses[listener]
+        if listener in MUTUAL_TLS:
+            return Dialer(self.identity()).channel(address, "controller" if listener == "cluster" else listener)
+        if listener == "controller":
+            return public_channel(address, self.ca())
+        return grpc.insecure_channel(address)
+
+    def channel(self, listener: str) -> grpc.Channel:
+        """open_channel, closed at teardown."""
+        return self.adopt(self.open_channel(listener))
+
+    def adopt(self, channel: grpc.Channel) -> grpc.Channel:
+        """Close channel at teardown."""
+        self._channels.append(channel)
+        return channel
 
     # -- lifecycle
 
@@ -153,7 +192,9 @@ class ClowderdProcess:
         from clowder.v1 import node_pb2, node_pb2_grpc
 
         deadline = time.monotonic() + timeout
-        pending = list(self.roles)
+        # An lb with TLS of its own presents a certificate this harness cannot check: its "serving" line is
+        # proof enough (see _serving).
+        pending = [name for name in self.addresses if not (name == "lb" and self.config["lb"].get("tls_cert"))]
         last_error = ""
         while pending:
             if self.proc.poll() is not None:
@@ -165,7 +206,10 @@ class ClowderdProcess:
                             f"answering GetInfo ({last_error})\n--- stderr ---\n"
                             f"{self.stderr_text()}")
             role = pending[0]
-            with grpc.insecure_channel(self.addresses[role]) as ch:
+            if role != "lb" and not self.insecure and self.identity() is None:
+                time.sleep(0.05)  # not joined yet: no certificate to call with, no CA to check
+                continue
+            with self.open_channel(role) as ch:
                 try:
                     node_pb2_grpc.NodeStub(ch).GetInfo(node_pb2.GetInfoRequest(), timeout=1.0)
                     pending.pop(0)
@@ -217,15 +261,12 @@ def _default_config(workdir: Path, roles: tuple[str, ...]) -> dict[str, Any]:
     }
     for r in ALL_ROLES:
         cfg[r] = {"listen": f"127.0.0.1:{ports[r]}"}
+    cfg["controller"]["cluster_listen"] = f"127.0.0.1:{free_port()}"
     cfg["storage"]["http_listen"] = f"127.0.0.1:{free_port()}"  # not the fixed default 5000
     cfg["lb"]["http_listen"] = f"127.0.0.1:{free_port()}"  # nor 7080
-    for r in ("worker", "lb"):
-        cfg[r]["controller"] = f"127.0.0.1:{ports['controller']}"
-    if "worker" in roles and "controller" not in roles:
-        # A worker needs a join token; tests that run a controller give its own (join_token_file).
-        token_file = workdir / "join-token"
-        token_file.write_text("not-the-token-of-any-controller\n")
-        cfg["worker"]["join_token_file"] = str(token_file)
+    if "controller" not in roles and set(roles) <= {"storage", "worker"}:
+        # A node of no cluster (a registry, a worker driven by hand); tests of a cluster give its controller.
+        cfg["cluster"] = {"insecure": True}
     return cfg
 
 
@@ -272,4 +313,4 @@ def clowderd(tmp_path_factory: pytest.TempPathFactory):
 def _serving(proc: ClowderdProcess) -> bool:
     """Whether the process has logged its last "serving" line (cheap check before gRPC polls)."""
     text = proc.stderr_text()
-    return text.count('"serving"') + text.count(" serving ") >= len(proc.roles)
+    return text.count('"serving"') + text.count(" serving ") >= len(proc.addresses)

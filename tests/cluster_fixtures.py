@@ -16,9 +16,22 @@ def token_file(controller: ClowderdProcess) -> Path:
     return controller.data_dir / "controller" / "join-token"
 
 
-def start_worker(clowderd, controller: ClowderdProcess, name: str, **extra: Any) -> ClowderdProcess:
-    worker = {"controller": controller.addresses["controller"], "join_token_file": str(token_file(controller))}
-    return clowderd(roles=("worker",), config_extra=deep_merge({"node_name": name, "worker": worker}, extra))
+def joining(controller: ClowderdProcess) -> dict[str, Any]:
+    """The [cluster] section of a node that joins controller."""
+    return {"controller": controller.addresses["controller"], "join_token_file": str(token_file(controller)),
+            "insecure": controller.insecure}
+
+
+def start_node(clowderd, controller: ClowderdProcess, name: str, roles: tuple[str, ...], *, wait: bool = True,
+               **extra: Any) -> ClowderdProcess:
+    """A clowderd of the roles given that joins controller; extra is merged into its configuration."""
+    return clowderd(roles=roles, config_extra=deep_merge({"node_name": name, "cluster": joining(controller)}, extra),
+                    wait=wait)
+
+
+def start_worker(clowderd, controller: ClowderdProcess, name: str, *, wait: bool = True,
+                 **extra: Any) -> ClowderdProcess:
+    return start_node(clowderd, controller, name, ("worker",), wait=wait, **extra)
 
 
 def clowderctl_env(controller: ClowderdProcess) -> dict[str, str]:

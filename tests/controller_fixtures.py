@@ -1,5 +1,7 @@
 """The controller role in a thread of the test process, on a loopback port, for tests that place replicas
-through the calls the scheduler makes (Cluster.assign / unassign) and watch real workers act on them."""
+through the calls the scheduler makes (Cluster.assign / unassign) and watch real workers act on them.
+It runs with insecure = true, its public and cluster services on one port: workers that join it say
+insecure = true too (`joining`)."""
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +35,10 @@ class InProcessController:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        self.controller = Controller(self.data_dir, *self._timing, self._stop.wait)
+        self.controller = Controller(self.data_dir, *self._timing, self._stop.wait, certificate_lifetime=None)
         server = grpc.aio.server()
-        self.controller.add_to_server(server)
+        self.controller.add_public(server, lambda: self.address)
+        self.controller.add_cluster(server)
         server.add_insecure_port(self.address)
         await server.start()
         sweep = asyncio.create_task(self.controller.mark_silent_nodes_unreachable())
@@ -44,6 +47,10 @@ class InProcessController:
         sweep.cancel()
         await server.stop(1)
         await self.controller.close()
+
+    def joining(self) -> dict:
+        """The [cluster] section of a node that joins this controller."""
+        return {"controller": self.address, "join_token_file": str(self.join_token_file), "insecure": True}
 
     def run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return asyncio.run_coroutine_threadsafe(make(), self.loop).result(15)

@@ -9,7 +9,7 @@ from clowderd.errors import InvalidInput
 FULL = {
     "version": CONFIG_VERSION,
     "prompts": {"system": "Answer in French.", "prefix_messages": [{"role": "user", "content": "Bonjour"}]},
-    "filters": {"input": {"block": ["badword"]}, "output": {"redact": ["secret"], "replacement": "***"}},
+    "filters": {"input": {"block": ["badword", {"match": "substring", "word": "acme"}]}, "output": {"redact": ["secret"], "replacement": "***"}},
     "security": {"max_input_bytes": 65536, "prompt_injection": {"enabled": True, "patterns": ["ignore (all|previous)"]}},
     "webhooks": [{"url": "https://hooks.example.com/x", "events": ["request", "error"], "secret_ref": "hook-key",
                   "retries": 2}],
@@ -67,6 +67,11 @@ def test_full_configuration_is_accepted_unchanged():
     ([], "config.json: configuration: must be a JSON object"),
     ({"placement": {"memory_gib": float("nan")}}, "config.json: placement.memory_gib: nan is not a finite number"),
     ({"placement": {"node_labels": {1: "x"}}}, "config.json: placement.node_labels[1]: 1 is not of type 'string'"),
+    ({"filters": {"input": {"block": [{"word": "w", "match": "prefix"}]}}},
+     "config.json: filters.input.block[0].match: 'prefix' is not one of ['word', 'substring']"),
+    ({"filters": {"output": {"redact": [{"match": "word"}]}}}, "config.json: filters.output.redact[0].word: required"),
+    ({"filters": {"output": {"redact": [""]}}}, "config.json: filters.output.redact[0]: '' should be non-empty"),
+    ({"filters": {"output": {"redact": [3]}}}, "config.json: filters.output.redact[0]: 3 is not a string or object"),
 ])
 def test_invalid_configuration_names_source_and_json_path(doc, message):
     with pytest.raises(InvalidInput) as info:

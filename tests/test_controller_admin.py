@@ -19,7 +19,7 @@ def controller(tmp_path):
     cluster = ctl.controller.cluster
     for name, labels in (("w1", {"zone": "a"}), ("w2", {"zone": "b"}), ("w3", {"zone": "a"})):
         info = common_pb2.NodeInfo(name=name, roles=[common_pb2.ROLE_WORKER], labels=labels)
-        ctl.run(lambda: cluster.call(cluster.state.register_node, info, "", "digest", time.time()))
+        ctl.run(lambda: cluster.call(cluster.state.enroll_node, info, time.time()))
     yield ctl
     ctl.stop()
 

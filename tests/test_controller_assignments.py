@@ -40,8 +40,8 @@ def test_the_worker_runs_its_assignments_and_keeps_them_across_a_controller_rest
     ctl = controller[0]
     worker = clowderd(roles=("worker",), config_extra={
         "data_dir": str(data), "node_name": "w1",
-        "worker": {"controller": ctl.address, "join_token_file": str(ctl.join_token_file)}})
-    stub = worker_pb2_grpc.WorkerStub(worker.channel("worker"))
+        "cluster": ctl.joining()})
+    stub = worker_pb2_grpc.WorkerStub(worker.channel("worker"))  # insecure = true: no certificate to show
 
     def on_worker(replica_id: str) -> common_pb2.ReplicaStatus | None:
         return next((r for r in stub.ListReplicas(worker_pb2.ListReplicasRequest(), timeout=10).replicas

@@ -23,6 +23,7 @@ from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from tests.clowderd_proc import ClowderdProcess, deep_merge
 from tests.cluster_fixtures import clowderctl, start_worker, token_file, wait_for
+from tests.trust_fixtures import channel_as, dialer_as
 from tests.worker_fixtures import CPU_ENGINE, build_chat_image, with_configuration
 
 INTERVAL, GRACE = 0.5, 2.0
@@ -108,8 +109,7 @@ def test_a_rolling_update_keeps_a_replica_ready_and_a_controller_restart_disturb
     threading.Thread(target=loop.run_forever, daemon=True).start()
 
     async def start_watch() -> RouteWatch:
-        route_watch = RouteWatch(routes, lambda: controller.addresses["controller"], "lb-test",
-                                 join_token_file=str(token_file(controller)))
+        route_watch = RouteWatch(routes, lambda: controller.addresses["cluster"], dialer_as(controller, "lb"))
         asyncio.ensure_future(route_watch.run())
         return route_watch
 
@@ -143,7 +143,7 @@ def test_a_rolling_update_keeps_a_replica_ready_and_a_controller_restart_disturb
              lambda: [e.replica_id for e in routes.get("chat").endpoints] == [second.replica_id])
 
     engine = psutil.Process(engine_pid(second))
-    on_worker = worker_pb2_grpc.WorkerStub(worker.channel("worker"))
+    on_worker = worker_pb2_grpc.WorkerStub(channel_as(controller, worker, "worker", "lb"))
     before = on_worker.ListReplicas(worker_pb2.ListReplicasRequest(deployment="chat"), timeout=10).replicas
     controller.send_signal(signal.SIGKILL)
     controller.wait()
@@ -199,20 +199,20 @@ def test_a_high_priority_deployment_preempts_a_preemptible_one_whose_reason_desc
         in refused.stderr
 
 
-def test_the_route_watch_takes_the_join_or_admin_token_and_refuses_no_credential(clowderd, tmp_path):
+def test_the_route_watch_is_open_to_the_lb_role_only_and_the_join_token_opens_nothing(clowderd, tmp_path):
     controller = start_controller(clowderd, tmp_path / "data")
-    stub = controller_pb2_grpc.MembershipStub(controller.channel("controller"))
-    request = controller_pb2.WatchRoutesRequest(node_id="lb-1")
-    for name in ("join-token", "admin-token"):
-        secret = (controller.data_dir / "controller" / name).read_text().strip()
-        snapshot = next(iter(stub.WatchRoutes(request, metadata=(("authorization", f"Bearer {secret}"),),
-                                              timeout=5)))
-        assert (snapshot.type, list(snapshot.routes)) == (controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT, [])
-        assert snapshot.revision > 0
-    with pytest.raises(grpc.RpcError) as refused:
-        next(iter(stub.WatchRoutes(request, timeout=5)))
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "no credential was given" in refused.value.details()
+    request = controller_pb2.WatchRoutesRequest()
+    with dialer_as(controller, "lb").channel(controller.addresses["cluster"], "controller") as channel:
+        snapshot = next(iter(controller_pb2_grpc.MembershipStub(channel).WatchRoutes(request, timeout=5)))
+    assert (snapshot.type, list(snapshot.routes)) == (controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT, [])
+    assert snapshot.revision > 0
+    join_token = token_file(controller).read_text().strip()
+    with dialer_as(controller, "worker").channel(controller.addresses["cluster"], "controller") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(controller_pb2_grpc.MembershipStub(channel).WatchRoutes(
+                request, metadata=(("authorization", f"Bearer {join_token}"),), timeout=5)))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "open to lb" in refused.value.details()
 
 
 def test_deploy_placement_options_override_the_configuration_and_name_what_keeps_nodes_out(clowderd, images):
@@ -237,10 +237,12 @@ def test_deploy_placement_options_override_the_configuration_and_name_what_keeps
     assert bad.returncode == 2 and "Invalid value for '--gpu-memory': 'lots' is not a size" in bad.stderr
 
 
-def _long_call(worker: ClowderdProcess, replica_id: str, tokens: int) -> tuple[threading.Thread, dict]:
-    """A completion of exactly `tokens` tokens, streamed from the worker in a thread; its outcome lands
-    in the dict: finish (the last finish reason), tokens (completion tokens), error (a status code), ended."""
-    stub = worker_pb2_grpc.WorkerStub(worker.channel("worker"))
+def _long_call(controller: ClowderdProcess, worker: ClowderdProcess, replica_id: str,
+               tokens: int) -> tuple[threading.Thread, dict]:
+    """A completion of exactly `tokens` tokens, streamed from the worker in a thread (as an lb of controller's
+    cluster); its outcome lands in the dict: finish (the last finish reason), tokens (completion tokens),
+    error (a status code), ended."""
+    stub = worker_pb2_grpc.WorkerStub(channel_as(controller, worker, "worker", "lb"))
     sampling = inference_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
     request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id="long-call",
                                          completion=inference_pb2.CompletionRequest(prompt="Once", sampling=sampling))
@@ -274,7 +276,7 @@ def test_undeploy_with_a_grace_lets_a_running_call_finish_and_without_one_cuts_i
     for name, grace in (("patient", ("--grace", "90")), ("hasty", ())):
         clowderctl(controller, "deploy", name, "slow-chat:v1", "--wait", "--timeout", str(LOAD_TIMEOUT))
         (replica,) = admin.ready_replicas(name)
-        thread, outcome = _long_call(worker, replica.replica_id, tokens)
+        thread, outcome = _long_call(controller, worker, replica.replica_id, tokens)
         time.sleep(1.0)  # the call is under way
         clowderctl(controller, "undeploy", name, *grace)
         undeployed = time.monotonic()

@@ -31,8 +31,10 @@ def node_info(name: str, labels: dict[str, str] | None = None, worker: str = "10
     return info
 
 
-def join(db: ClusterState, name: str, credential: str = "secret", now: float = T0, **info) -> str:
-    return db.register_node(node_info(name, **info), "10.0.0.1:7072", tokens.digest(credential), now).id
+def join(db: ClusterState, name: str, now: float = T0, **info) -> str:
+    """Enroll the node (the join token's way in), then register it as it does once it serves."""
+    node, _ = db.enroll_node(node_info(name, **info), now)
+    return db.register_node(node.id, node_info(name, **info), "10.0.0.1:7072", now).id
 
 
 def reasons(db: ClusterState) -> list[str]:
@@ -64,38 +66,48 @@ def test_nodes_labels_and_events_survive_a_reopen(tmp_path):
     db.close()
 
 
-def test_only_the_digest_of_a_node_credential_is_stored(db):
-    node_id = join(db, "w1", credential="clowder-node-very-secret")
-    assert db.node_credential(node_id) == tokens.digest("clowder-node-very-secret")
-    assert db.node_credential("node-unknown") is None
-    db.close()
-    assert b"very-secret" not in b"".join(p.read_bytes() for p in db.path.parent.iterdir())
-
-
 def test_a_heartbeating_node_keeps_its_name(db):
     node_id = join(db, "w1")
     with pytest.raises(AlreadyExists, match=rf"node name 'w1' is taken by node {node_id}, which is heartbeating"):
-        join(db, "w1", credential="other")
+        join(db, "w1")
 
 
-def test_a_new_join_takes_over_an_unreachable_node_of_its_name(db):
+def test_a_new_join_takes_over_an_unreachable_node_of_its_name_and_revokes_its_certificates(db):
     node_id = join(db, "w1")
+    db.record_certificate("aa01", node_id, "w1", ["worker"], T0 + 1000, T0)
     db.label_node("w1", {"zone": "a"}, [], T0)
     assert db.mark_unreachable(T0 + 10, T0 + 20, 15) == ["w1"]
-    assert join(db, "w1", credential="new", now=T0 + 30) == node_id
-    node = db.node(node_id)
-    assert (node.state, node.labels, db.node_credential(node_id)) == (READY, {"zone": "a"}, tokens.digest("new"))
+    node, revoked = db.enroll_node(node_info("w1"), T0 + 30)
+    assert (node.id, node.state, node.labels, revoked) == (node_id, READY, {"zone": "a"}, ["aa01"])
+    assert db.revoked_serials(T0 + 30) == ["aa01"]
+    assert db.revoked_serials(T0 + 1000) == []  # expired: refused anyway, no longer listed
 
 
-def test_rejoin_updates_the_description_and_refuses_a_taken_name(db):
+def test_register_updates_the_description_refuses_a_taken_name_and_records_a_lost_node(db):
     node_id = join(db, "w1")
     join(db, "w2")
-    node = db.rejoin_node(node_id, node_info("w1", worker="10.0.0.9:7072"), "10.0.0.9:7072", T0 + 5)
+    node = db.register_node(node_id, node_info("w1", worker="10.0.0.9:7072"), "10.0.0.9:7072", T0 + 5)
     assert (node.worker_address, node.last_heartbeat) == ("10.0.0.9:7072", T0 + 5)
     with pytest.raises(AlreadyExists, match=rf"node {node_id} cannot take the name 'w2'"):
-        db.rejoin_node(node_id, node_info("w2"), "", T0 + 6)
+        db.register_node(node_id, node_info("w2"), "", T0 + 6)
+    lost = db.register_node("node-lost", node_info("w3"), "10.0.0.3:7072", T0 + 7)
+    assert (lost.id, lost.state, reasons(db)[-1]) == ("node-lost", READY, "NodeRegistered")
+
+
+def test_a_revoked_node_is_gone_its_certificates_listed_and_its_replicas_placed_elsewhere(db):
+    node_id = join(db, "w1")
+    db.record_certificate("bb02", node_id, "w1", ["worker"], T0 + 1000, T0)
+    db.record_certificate("bb03", node_id, "w1", ["worker", "lb"], T0 + 2000, T0)
+    spec = common_pb2.ReplicaSpec(replica_id="r1", deployment="d", generation=1)
+    db.assign(spec, node_id, T0)
+    node, serials = db.revoke_node("w1", T0 + 1)
+    assert (node.id, sorted(serials)) == (node_id, ["bb02", "bb03"])
+    assert db.revoked_serials(T0 + 1) == ["bb02", "bb03"]
     with pytest.raises(NotFound):
-        db.rejoin_node("node-unknown", node_info("w3"), "", T0)
+        db.node(node_id)
+    assert db.replica("r1").node_id is None
+    assert reasons(db)[-1] == "NodeRevoked"
+    assert db.certificate_roles(node_id, T0 + 1) == set()
 
 
 def test_heartbeats_record_inventory_and_replicas_of_known_nodes_only(db):
@@ -183,25 +195,36 @@ def test_assignments_follow_the_replicas_placed_on_each_node(db):
         db.assign(spec, "node-unknown", T0)
 
 
-def test_tokens_are_created_once_in_0600_files_and_an_edited_file_wins(db, tmp_path):
+FINGERPRINT = "ab" * 32
+
+
+def test_tokens_are_created_once_in_0600_files_with_the_ca_fingerprint_and_an_edited_file_wins(db, tmp_path):
     join_path, admin_path = tmp_path / "join-token", tmp_path / "admin-token"
-    first = ClusterTokens.load(db, join_path, admin_path, T0)
+    first = ClusterTokens.load(db, join_path, admin_path, FINGERPRINT, T0)
     assert first.join.startswith(tokens.JOIN_PREFIX) and join_path.read_text().strip() == first.join
+    assert first.join.endswith("::sha256:" + FINGERPRINT)
     assert admin_path.read_text().startswith(tokens.ADMIN_PREFIX)
     assert stat.S_IMODE(os.stat(join_path).st_mode) == stat.S_IMODE(os.stat(admin_path).st_mode) == 0o600
-    assert db.secret("join") == (tokens.digest(first.join), T0)
+    secret = first.join.split("::")[0]
+    assert db.secret("join") == (tokens.digest(secret), T0)
+    assert first.admits(first.join) and first.admits(secret) and not first.admits(secret + "x")
     assert tokens.matches(admin_path.read_text().strip(), first.admin_digest)
 
-    again = ClusterTokens.load(db, join_path, admin_path, T0 + 10)
+    again = ClusterTokens.load(db, join_path, admin_path, FINGERPRINT, T0 + 10)
     assert (again.join, again.join_created_at, again.admin_digest) == (first.join, T0, first.admin_digest)
 
     join_path.write_text("chosen-by-the-operator\n")
     admin_path.unlink()
-    third = ClusterTokens.load(db, join_path, admin_path, T0 + 20)
-    assert (third.join, db.secret("join")) == ("chosen-by-the-operator", (tokens.digest("chosen-by-the-operator"),
-                                                                          T0 + 20))
+    third = ClusterTokens.load(db, join_path, admin_path, FINGERPRINT, T0 + 20)
+    assert third.join == "chosen-by-the-operator::sha256:" + FINGERPRINT == join_path.read_text().strip()
+    assert db.secret("join") == (tokens.digest("chosen-by-the-operator"), T0 + 20)
     assert third.admin_digest != first.admin_digest
     assert tokens.matches(admin_path.read_text().strip(), third.admin_digest)
+
+
+def test_tokens_of_a_cluster_without_a_ca_are_bare_secrets(db, tmp_path):
+    loaded = ClusterTokens.load(db, tmp_path / "join-token", tmp_path / "admin-token", None, T0)
+    assert "::" not in loaded.join and "::" not in (tmp_path / "admin-token").read_text()
 
 
 def test_bearer_and_matches():

@@ -27,12 +27,14 @@ def test_defaults():
     assert cfg.shutdown_grace_seconds == 10
     assert [str(cfg.role[r].listen) for r in cfg.roles] == [
         "127.0.0.1:7070", "127.0.0.1:7071", "127.0.0.1:7072", "127.0.0.1:7073"]
-    assert cfg.role["worker"].controller is None  # the local controller
+    assert str(cfg.controller_cluster_listen) == "127.0.0.1:7074"
+    assert cfg.cluster_controller is None  # the local controller
+    assert not cfg.insecure and cfg.certificate_lifetime_seconds == 30 * 86400
     assert (cfg.log_level, cfg.log_format) == ("info", "json")
 
 
 def test_flags_override_file(tmp_path):
-    path = write(tmp_path, 'roles = ["storage"]\nnode_name = "a"\n'
+    path = write(tmp_path, 'roles = ["storage"]\nnode_name = "a"\n[cluster]\ninsecure = true\n'
                            '[storage]\nlisten = "0.0.0.0:9000"\n')
     cfg = build_config(path, {"node_name": "b", "storage.listen": "[::1]:9001"})
     assert cfg.roles == ("storage",)
@@ -55,7 +57,9 @@ def test_flags_override_file(tmp_path):
     ("[controller]\nlisten = \"localhost\"\n", "controller.listen: 'localhost' is not HOST:PORT"),
     ("[controller]\nlisten = \"1.2.3.4:70000\"\n", "out of range"),
     ("[controller]\nlisten = 7070\n", "controller.listen: expected a string"),
-    ("[worker]\ncontroller = \"h:0\"\n", "worker.controller: port 0"),
+    ("[cluster]\ncontroller = \"h:0\"\n", "cluster.controller: port 0"),
+    ("[controller]\ncluster_listen = \"127.0.0.1:7071\"\n", "also the listen address of"),
+    ("[cluster]\ninsecure = 1\n", "cluster.insecure: expected true or false"),
     ("[storage]\nlisten = \"127.0.0.1:7070\"\n", "also the listen address of controller"),
     ("node_name = \"bad name\"\n", "node_name: 'bad name' is not a valid node name"),
     ("x = \n", "invalid TOML"),
@@ -63,7 +67,7 @@ def test_flags_override_file(tmp_path):
 def test_file_errors_name_file_and_key(tmp_path, text, expect):
     path = write(tmp_path, text)
     if text.startswith('roles = "storage"'):
-        assert build_config(path, {}).roles == ("storage",)
+        assert build_config(path, {"cluster.insecure": True}).roles == ("storage",)
         return
     with pytest.raises(ConfigError) as ei:
         build_config(path, {})
@@ -80,31 +84,50 @@ def test_flag_errors_name_the_flag():
         build_config(None, {"roles": "storage,db"})
 
 
-def test_worker_without_controller_needs_its_address(tmp_path):
+def test_a_node_without_the_controller_role_needs_the_controllers_address(tmp_path):
     path = write(tmp_path, 'roles = ["worker"]\n')
-    with pytest.raises(ConfigError, match="worker.controller: required"):
+    with pytest.raises(ConfigError, match=r"c.toml: cluster: controller is required"):
         build_config(path, {})
-    path2 = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\njoin_token = "t"\n')
-    assert build_config(path2, {}).role["worker"].controller == Address("ctl.example", 7070)
+    path2 = write(tmp_path, 'roles = ["worker"]\n[cluster]\ncontroller = "ctl.example:7070"\njoin_token = "t"\n')
+    assert build_config(path2, {}).cluster_controller == Address("ctl.example", 7070)
+    assert build_config(path, {"cluster.controller": "ctl.example:7070", "cluster.join_token": "t"}
+                        ).cluster_controller == Address("ctl.example", 7070)
 
 
-def test_worker_of_a_remote_controller_needs_one_join_token(tmp_path):
-    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n')
-    with pytest.raises(ConfigError, match=r"c.toml: worker: join_token or join_token_file is required"):
+def test_a_node_of_a_remote_controller_needs_one_join_token(tmp_path):
+    path = write(tmp_path, 'roles = ["worker"]\n[cluster]\ncontroller = "ctl.example:7070"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: cluster: join_token or join_token_file is required"):
         build_config(path, {})
-    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n'
+    path = write(tmp_path, 'roles = ["worker"]\n[cluster]\ncontroller = "ctl.example:7070"\n'
                            'join_token = "t"\njoin_token_file = "/etc/clowder/join-token"\n')
-    with pytest.raises(ConfigError, match=r"c.toml: worker.join_token: set join_token or join_token_file, not both"):
+    with pytest.raises(ConfigError, match=r"c.toml: cluster.join_token: set join_token or join_token_file, not both"):
         build_config(path, {})
-    path = write(tmp_path, 'roles = ["worker"]\n[worker]\ncontroller = "ctl.example:7070"\n'
+    path = write(tmp_path, 'roles = ["lb"]\n[cluster]\ncontroller = "ctl.example:7070"\n'
                            'join_token_file = "/etc/clowder/join-token"\n')
-    assert build_config(path, {}).worker_join_token_file == "/etc/clowder/join-token"
+    assert build_config(path, {}).join_token_file == "/etc/clowder/join-token"
 
 
-def test_worker_beside_the_controller_reads_its_join_token_file(tmp_path):
+def test_a_node_beside_the_controller_reads_its_join_token_file(tmp_path):
     cfg = build_config(None, {"data_dir": str(tmp_path)})
-    assert cfg.worker_join_token is None
-    assert cfg.worker_join_token_file == str(tmp_path / "controller" / "join-token")
+    assert cfg.join_token is None
+    assert cfg.join_token_file == str(tmp_path / "controller" / "join-token")
+
+
+@pytest.mark.parametrize("key", ["worker.controller", "worker.join_token", "lb.join_token_file", "lb.controller"])
+def test_the_keys_that_moved_to_cluster_say_so(tmp_path, key):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"c.toml: {key} moved to \[cluster\] {name}"):
+        build_config(write(tmp_path, to_toml({section: {name: "x"}})), {})
+
+
+def test_a_storage_node_or_worker_of_no_cluster_needs_insecure(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster: controller is required.*needs insecure = true"):
+        build_config(write(tmp_path, 'roles = ["storage"]\n'), {})
+    cfg = build_config(write(tmp_path, 'roles = ["storage", "worker"]\n[cluster]\ninsecure = true\n'), {})
+    assert cfg.standalone and cfg.insecure
+    with pytest.raises(ConfigError, match=r"cluster: controller is required"):
+        build_config(write(tmp_path, 'roles = ["lb"]\n[cluster]\ninsecure = true\n'), {})
+    assert not build_config(None, {"data_dir": str(tmp_path)}).standalone
 
 
 @pytest.mark.parametrize("controller, expect", [
@@ -113,6 +136,8 @@ def test_worker_beside_the_controller_reads_its_join_token_file(tmp_path):
     ({"heartbeat_grace_seconds": "10"}, r"controller.heartbeat_grace_seconds: expected a number of seconds"),
     ({"heartbeat_interval_seconds": 5, "heartbeat_grace_seconds": 8},
      r"controller.heartbeat_grace_seconds: 8 is less than twice controller.heartbeat_interval_seconds \(5\)"),
+    ({"certificate_lifetime_seconds": 5}, r"controller.certificate_lifetime_seconds: expected a number of seconds "
+                                          r"from 10 to"),
 ])
 def test_heartbeat_timing_errors_name_the_key(tmp_path, controller, expect):
     with pytest.raises(ConfigError, match=expect):
@@ -213,13 +238,12 @@ def test_data_dir_created_0750(clowderd, tmp_path):
     assert proc.stop() == 0
 
 
-def test_controller_flag_sets_worker_and_lb_controller():
-    cfg = build_config(None, {"roles": "worker,lb", "worker.controller": "c:1",
-                              "lb.controller": "c:1", "worker.join_token": "t"},
-                       {"worker.controller": "--controller", "lb.controller": "--controller"})
-    assert cfg.role["worker"].controller == cfg.role["lb"].controller == Address("c", 1)
+def test_the_controller_flag_sets_the_cluster_controller():
+    cfg = build_config(None, {"roles": "worker,lb", "cluster.controller": "c:1", "cluster.join_token": "t"},
+                       {"cluster.controller": "--controller"})
+    assert cfg.cluster_controller == Address("c", 1)
     with pytest.raises(ConfigError, match=r"^--controller: 'c' is not HOST:PORT"):
-        build_config(None, {"worker.controller": "c"}, {"worker.controller": "--controller"})
+        build_config(None, {"cluster.controller": "c"}, {"cluster.controller": "--controller"})
 
 
 def test_flags_override_the_file_in_the_real_program(clowderd):
@@ -233,12 +257,12 @@ def test_flags_override_the_file_in_the_real_program(clowderd):
     assert "serving role=storage" in proc.stderr_text()
 
 
-def test_an_unreadable_join_token_file_exits_2_naming_the_key_and_file(clowderd, tmp_path):
+def test_an_unreadable_join_token_file_exits_2_naming_the_file(clowderd, tmp_path):
     missing = tmp_path / "no-such-token"
-    proc = clowderd(roles=("worker",), config_extra={"worker": {"join_token_file": str(missing)}}, wait=False)
+    proc = clowderd(roles=("worker",), config_extra={"cluster": {"controller": "127.0.0.1:1",
+                                                                 "join_token_file": str(missing)}}, wait=False)
     assert proc.wait() == 2, proc.stderr_text()
-    err = proc.stderr_text()
-    assert "worker.join_token_file" in err and f"cannot read the join token from {missing}" in err
+    assert f"cannot read the join token from {missing}" in proc.stderr_text()
 
 
 def test_controller_storage_strategy_and_deployments_from_the_file(tmp_path):
@@ -254,11 +278,3 @@ def test_controller_storage_strategy_and_deployments_from_the_file(tmp_path):
         build_config(write(tmp_path, '[controller.deploy]\nChat = "x:1"\n'), {})
 
 
-def test_the_lb_shows_the_join_token_of_its_file_or_the_controller_beside_it(tmp_path):
-    assert build_config(None, {"data_dir": str(tmp_path)}).lb_join_token_file == \
-        str(tmp_path / "controller" / "join-token")
-    path = write(tmp_path, 'roles = ["lb"]\n[lb]\ncontroller = "ctl.example:7070"\n'
-                           'join_token_file = "/etc/clowder/join-token"\n')
-    assert build_config(path, {}).lb_join_token_file == "/etc/clowder/join-token"
-    alone = write(tmp_path, 'roles = ["lb"]\n[lb]\ncontroller = "ctl.example:7070"\n')
-    assert (build_config(alone, {}).lb_join_token, build_config(alone, {}).lb_join_token_file) == (None, None)

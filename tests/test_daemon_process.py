@@ -34,7 +34,7 @@ def _slow_service(started: asyncio.Event, outcomes: dict[str, str]):
 
 def _config(tmp_path, grace: float):
     cfg = build_config(None, {"roles": "storage", "data_dir": str(tmp_path / "data"),
-                              "storage.listen": "127.0.0.1:0"})
+                              "storage.listen": "127.0.0.1:0", "cluster.insecure": True})
     cfg.shutdown_grace_seconds = grace
     return cfg
 

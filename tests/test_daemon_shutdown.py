@@ -29,7 +29,7 @@ def test_sigint_exits_0(clowderd):
 def test_open_stream_ends_cleanly_on_sigterm(clowderd):
     """A Node.Watch stream open during SIGTERM gets STOPPING and a clean end (status OK),
     not a reset; new calls are refused meanwhile; the process exits 0."""
-    proc = clowderd(roles=("worker", "lb"), config_extra={"shutdown_grace_seconds": 5})
+    proc = clowderd(config_extra={"shutdown_grace_seconds": 5})
     stream = node_pb2_grpc.NodeStub(proc.channel("worker")).Watch(node_pb2.WatchRequest(),
                                                                    timeout=20)
     first = next(stream)

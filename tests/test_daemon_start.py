@@ -11,27 +11,33 @@ from clowder.v1 import (common_pb2, node_pb2, node_pb2_grpc, registry_pb2,
 
 ROLE = {"controller": common_pb2.ROLE_CONTROLLER, "storage": common_pb2.ROLE_STORAGE,
         "worker": common_pb2.ROLE_WORKER, "lb": common_pb2.ROLE_LB}
+LISTENER_ROLE = {**ROLE, "cluster": common_pb2.ROLE_CONTROLLER}
 
 
 def get_info(proc, role: str) -> node_pb2.GetInfoResponse:
     return node_pb2_grpc.NodeStub(proc.channel(role)).GetInfo(node_pb2.GetInfoRequest(), timeout=5)
 
 
-def test_all_roles_answer_get_info(clowderd):
+def test_every_listener_answers_get_info(clowderd):
     proc = clowderd()
-    for role in ("controller", "storage", "worker", "lb"):
-        info = get_info(proc, role)
+    for listener in ("controller", "cluster", "storage", "worker", "lb"):
+        info = get_info(proc, listener)
         assert info.node_name == "test-node"
         assert list(info.roles) == [ROLE[r] for r in ("controller", "storage", "worker", "lb")]
-        assert info.serving_role == ROLE[role]
+        assert info.serving_role == LISTENER_ROLE[listener]
         assert info.version
         assert "v1" in info.api_versions
         assert info.pid == proc.pid
         assert info.started_at.seconds > 0
-        assert {(l.role, l.address) for l in info.listeners} == {
-            (ROLE[r], a) for r, a in proc.addresses.items()}
+        assert info.node_id == proc.identity().node_id
+        assert {(l.role, l.address, l.protocol) for l in info.listeners} == {
+            (common_pb2.ROLE_CONTROLLER, proc.addresses["controller"], "grpc+tls"),
+            (common_pb2.ROLE_CONTROLLER, proc.addresses["cluster"], "grpc+mtls"),
+            (common_pb2.ROLE_STORAGE, proc.addresses["storage"], "grpc+mtls"),
+            (common_pb2.ROLE_WORKER, proc.addresses["worker"], "grpc+mtls"),
+            (common_pb2.ROLE_LB, proc.addresses["lb"], "grpc")}
     serving = [r for r in proc.log_records() if r["msg"] == "serving"]
-    assert sorted((r["role"], r["addr"]) for r in serving) == sorted(proc.addresses.items())
+    assert sorted((r["listener"], r["addr"]) for r in serving) == sorted(proc.addresses.items())
     assert proc.stop() == 0
 
 
@@ -79,7 +85,7 @@ def test_text_log_format(clowderd):
     proc = clowderd(roles=("storage",), config_extra={"log": {"format": "text"}})
     assert proc.stop() == 0
     text = proc.stderr_text()
-    assert f"serving role=storage addr={proc.addresses['storage']}" in text
+    assert f"serving role=storage listener=storage addr={proc.addresses['storage']}" in text
     assert text.rstrip().endswith("stopped")
 
 

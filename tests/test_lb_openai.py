@@ -5,50 +5,23 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import ssl
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 import openai
 import pytest
 
-from clowder.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from clowderd.lb.routes import Endpoint, Route
+from clowder.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
+from clowderd.lb.routes import Endpoint
 from clowderd.middleware.auth import key_digest
-from tests.lb_fixtures import LbServer
-from tests.worker_fixtures import build_chat_image, start_worker
+from tests.cluster_fixtures import start_node
+from tests.lb_fixtures import LbServer, tiny_route, worker  # noqa: F401  (fixture: a worker serving a tiny chat llama)
+from tests.tls_certs import make_tls_files
 
-S = common_pb2.ReplicaState
 QUESTION = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("lb-worker")
-    image = build_chat_image(workdir / "data" / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
-    proc = start_worker(workdir, workdir / "data")
-    stub = worker_pb2_grpc.WorkerStub(proc.channel("worker"))
-    for replica_id in ("chat-0", "chat-1"):
-        stub.LoadReplica(worker_pb2.LoadReplicaRequest(spec=common_pb2.ReplicaSpec(
-            replica_id=replica_id, deployment="tiny", image=image.name, manifest_digest=image.digest,
-            generation=1)), timeout=10)
-    deadline = time.monotonic() + 60
-    while True:
-        states = {r.replica_id: r.state for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas}
-        if all(s == S.REPLICA_STATE_READY for s in states.values()):
-            break
-        assert time.monotonic() < deadline, f"replicas not ready: {states}\n{proc.stderr_text()}"
-        time.sleep(0.1)
-    yield proc, stub, image
-    assert proc.stop() == 0
-
-
-def tiny_route(worker, deployment: str = "tiny", config: dict | None = None, endpoints=None) -> Route:
-    proc, _, image = worker
-    address = proc.addresses["worker"]
-    endpoints = endpoints or [Endpoint("chat-0", address), Endpoint("chat-1", address)]
-    return Route(deployment, endpoints, image=image.name, manifest_digest=image.digest, config=config or {},
-                 created=1_700_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +122,83 @@ def test_bad_requests_get_openai_error_json_naming_the_field(lb, body, status, w
     assert words in error["message"] and error["type"] == "invalid_request_error"
 
 
+def _with(**fields) -> bytes:
+    return json.dumps({"model": "tiny", "messages": QUESTION, **fields}).encode()
+
+
+@pytest.mark.parametrize("body, field", [
+    (_with(max_tokens=10 ** 12), "max_tokens"),
+    (_with(max_tokens=2 ** 32), "max_tokens"),
+    (_with(max_completion_tokens=2 ** 32), "max_completion_tokens"),
+    (_with(top_k=2 ** 32), "top_k"),
+    (_with(n=2 ** 40), "n"),
+    (_with(seed=2 ** 63), "seed"),
+    (_with(seed=-1), "seed"),
+    (_with(temperature=10 ** 400), "temperature"),  # an integer no float holds
+    (_with(top_p=-10 ** 400), "top_p"),
+    (_with(metadata={"k" * 65: "v"}), "metadata"),
+    (_with(metadata={"k": "v" * 513}), "metadata.k"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}', "messages[0].name"),
+    (b'{"model": "\\ud800", "messages": []}', "model"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "user": "\\udbff\\udbff"}', "user"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop[0]"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "metadata": {"\\ud800": "v"}}',
+     "metadata: a key"),
+])
+def test_values_no_worker_could_take_are_400_naming_the_field(lb, body, field):
+    """Numbers past the range of the worker's protobuf fields (or of a float) and strings holding a lone
+    surrogate were internal errors (500) once they reached the worker request; they are the caller's."""
+    r = httpx.post(f"{lb.base_url}/chat/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(f"{field}: "), error
+    assert error["type"] == "invalid_request_error" and len(error["message"]) < 300
+
+
+@pytest.mark.parametrize("depth, allowed", [(32, True), (33, False), (30_000, False)])
+def test_json_nested_too_deep_is_400_in_openai_json(lb, depth, allowed):
+    nested = "[" * (depth - 2) + "]" * (depth - 2)  # the body's object and metadata are the other two levels
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "metadata": {"x": '
+    r = httpx.post(f"{lb.base_url}/chat/completions", content=f"{body}{nested}}}}}", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    if allowed:  # deep enough to pass the JSON check: the field's own check answers
+        assert message.startswith("metadata: must be an object of strings"), message
+    else:
+        assert "deeper than 32 levels" in message, message
+
+
+def test_a_huge_seed_wraps_between_the_choices_of_one_call(client):
+    response = chat(client, n=2, seed=2 ** 63 - 1, max_tokens=4)
+    assert [c.index for c in response.choices] == [0, 1]
+
+
+def test_grpc_requests_are_checked_as_the_http_ones(lb):
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(lb.grpc_address))
+    messages = [inference_pb2.ChatMessage(role="user", content="Hello there")]
+    for sampling, field in ((inference_pb2.SamplingParams(n=2 ** 32 - 1), "n"),
+                            (inference_pb2.SamplingParams(seed=-5), "seed"),
+                            (inference_pb2.SamplingParams(temperature=float("nan")), "temperature"),
+                            (inference_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"]), "stop")):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ChatCompletion(inference_pb2.ChatCompletionRequest(model="tiny", messages=messages,
+                                                                    sampling=sampling), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(f"{field}: ")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Completion(inference_pb2.CompletionRequest(model="tiny", prompt="Once upon", sampling=inference_pb2.
+                                                        SamplingParams(max_tokens=2 ** 32 - 1)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()  # the engine's
+    wrapped = stub.ChatCompletion(inference_pb2.ChatCompletionRequest(
+        model="tiny", messages=messages, sampling=inference_pb2.SamplingParams(seed=2 ** 63 - 1, n=2, max_tokens=2)),
+        timeout=30)
+    assert len(wrapped.choices) == 2
+
+
 def test_max_tokens_beyond_the_context_is_400_from_the_engine(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, max_tokens=1_000_000)
@@ -219,7 +269,8 @@ def test_the_same_methods_over_grpc_stream_and_not(lb, client):
 
 
 def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
-    proc = clowderd(roles=("lb",))
+    controller = clowderd(roles=("controller",))
+    proc = start_node(clowderd, controller, "lb-1", ("lb",))
     base = f"http://{proc.config['lb']['http_listen']}/v1"
     assert httpx.get(f"{base}/models", timeout=10).json() == {"object": "list", "data": []}
     r = httpx.post(f"{base}/chat/completions", json={"model": "m", "messages": QUESTION}, timeout=10)
@@ -229,6 +280,50 @@ def test_the_lb_role_of_clowderd_serves_http_and_grpc(clowderd):
         stub.ChatCompletion(inference_pb2.ChatCompletionRequest(
             model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert proc.stop() == 0
+    assert proc.identity().holder.roles == ("lb",)
+
+
+# -- HTTPS --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("lb-tls"))
+
+
+def trusting(base_url: str, ca: Path | None) -> openai.OpenAI:
+    """The official client, trusting `ca` alone (None: the system's CAs)."""
+    verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                         http_client=httpx.Client(verify=verify, timeout=30))
+
+
+def test_https_answers_a_client_that_trusts_the_ca_and_no_other(worker, tls, tmp_path_factory):
+    server = LbServer(tmp_path_factory.mktemp("lb-https"), tls=tls)
+    try:
+        server.put_route(tiny_route(worker))
+        assert server.base_url.startswith("https://")
+        assert chat(trusting(server.base_url, tls.ca)).choices[0].message.content
+        with pytest.raises(openai.APIConnectionError) as e:
+            chat(trusting(server.base_url, None))
+        assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value.__cause__)
+    finally:
+        server.stop()
+
+
+def test_the_lb_role_of_clowderd_serves_https_with_its_tls_settings(clowderd, tls):
+    controller = clowderd(roles=("controller",))
+    proc = start_node(clowderd, controller, "lb-1", ("lb",), lb={"tls_cert": str(tls.cert), "tls_key": str(tls.key)})
+    base = f"https://{proc.config['lb']['http_listen']}/v1"
+    assert trusting(base, tls.ca).models.list().data == []
+    with pytest.raises(openai.APIConnectionError) as e:
+        trusting(base, None).models.list()
+    assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value.__cause__)
+    # Its gRPC Inference service presents the same certificate.
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca.read_bytes())
+    with grpc.secure_channel(proc.addresses["lb"], credentials) as channel:
+        assert list(inference_pb2_grpc.InferenceStub(channel).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=10).data) == []
     assert proc.stop() == 0
 
 
@@ -249,6 +344,7 @@ def guarded(worker, client, tmp_path_factory):
     configs = {"tiny": {}, "research-only": {"access_groups": ["research"]},
                "redacting": {"filters": {"output": {"redact": [words[0]], "replacement": "###"}}},
                "blocking": {"filters": {"output": {"block": [words[1]]}}},
+               "screening": {"filters": {"input": {"block": ["forbidden"]}}},
                "briefed": {"prompts": {"system": "You are a terse assistant."}, "security": {"max_input_bytes": 50}},
                "chatty": {"conversation": {"enabled": True, "max_messages": 4}},
                "summarising": {"conversation": {"enabled": True, "max_messages": 2, "policy": "summarise"}}}
@@ -280,10 +376,42 @@ def test_access_groups_admit_members_only(guarded):
     assert chat(keyed(server, "ck-alice"), model="research-only").choices[0].message.content == answer
 
 
+def test_models_need_a_valid_key_and_list_only_what_the_caller_may_call(guarded):
+    server, _, _ = guarded
+    r = httpx.get(f"{server.base_url}/models", timeout=10)
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        keyed(server, "ck-nobody").models.list()
+    assert "not valid" in e.value.message
+    everything = {"tiny", "research-only", "redacting", "blocking", "screening", "briefed", "chatty", "summarising"}
+    assert {m.id for m in keyed(server, "ck-alice").models.list().data} == everything
+    assert {m.id for m in keyed(server, "ck-bob").models.list().data} == everything - {"research-only"}
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.grpc_address))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = stub.ListModels(inference_pb2.ListModelsRequest(), metadata=[("authorization", "Bearer ck-bob")],
+                             timeout=10)
+    assert {m.id for m in listed.data} == everything - {"research-only"}
+
+
+def test_without_keys_a_deployment_restricted_to_groups_is_not_listed(lb, client, worker):
+    lb.put_route(tiny_route(worker, "members-only", {"access_groups": ["research"]}))
+    listed = {m.id for m in client.models.list().data}
+    assert "tiny" in listed and "members-only" not in listed
+    with pytest.raises(openai.PermissionDeniedError):  # as calling it is refused
+        chat(client, model="members-only")
+
+
+def whole_word(word: str) -> str:
+    """A filter rule's matches in ASCII text: the whole word, or with -s or -es."""
+    return rf"(?<!\w){re.escape(word)}(?:s|es)?(?!\w)"
+
+
 def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
     server, answer, words = guarded
     alice = keyed(server, "ck-alice")
-    expected = re.sub(rf"(?<!\w){re.escape(words[0])}(?!\w)", "###", answer, flags=re.IGNORECASE)
+    expected = re.sub(whole_word(words[0]), "###", answer, flags=re.IGNORECASE)
     assert chat(alice, model="redacting").choices[0].message.content == expected
     streamed = chat(alice, model="redacting", stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
@@ -292,9 +420,23 @@ def test_output_words_are_redacted_in_whole_and_streamed_answers(guarded):
 def test_a_blocked_output_word_ends_the_answer_before_it_with_content_filter(guarded):
     server, answer, words = guarded
     response = chat(keyed(server, "ck-alice"), model="blocking")
-    hit = re.search(rf"(?<!\w){re.escape(words[1])}(?!\w)", answer, flags=re.IGNORECASE)
+    hit = re.search(whole_word(words[1]), answer, flags=re.IGNORECASE)
     assert response.choices[0].finish_reason == "content_filter"
     assert response.choices[0].message.content == answer[:hit.start()]
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "user", "content": "Is for\u200bbidden fruit sweet?"}, "messages[0].content"),
+    ({"role": "user", "content": "Hi", "name": "ＦＯＲＢＩＤＤＥＮ"}, "messages[0].name"),
+    ({"role": "user", "content": [{"type": "text", "text": "All "}, {"type": "text", "text": "Forbiddens"}]},
+     "messages[0].content"),
+])
+def test_a_blocked_input_word_is_refused_however_it_is_written(guarded, message, field):
+    server, _, _ = guarded
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(keyed(server, "ck-alice"), model="screening", messages=[message])
+    assert f"input-filter: {field}: the input contains the blocked word" in e.value.message
+    assert chat(keyed(server, "ck-alice"), model="screening").choices[0].message.content
 
 
 def test_the_system_prompt_is_prepended_and_the_input_limit_enforced(guarded, client):

@@ -15,6 +15,7 @@ from clowderd.errors import InvalidInput
 from clowderd.middleware.auth import Authenticate, KeyRing, key_digest, load_keys
 from clowderd.middleware.base import Call, Chain, Middleware, Refused, StopChoice
 from clowderd.middleware.filters import InputFilter, OutputFilter
+from clowderd.middleware.normalise import fold
 from clowderd.middleware.prompts import PrependPrompts
 from clowderd.middleware.ratelimit import Buckets, RateLimit
 from clowderd.middleware.security import SecurityChecks
@@ -51,18 +52,33 @@ def split(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(points, points[1:])]
 
 
-# -- output filter ------------------------------------------------------------------------------
+# -- language filters ---------------------------------------------------------------------------
 
-WORDS = ["secret", "top secret", "Paris", "cat", "caterpillar", "x", "hello", "the", ",", " ", ".", "sec", "secrets"]
+# Pieces of streamed text: words, their plurals, longer words, and the same words in evasive forms
+# (fullwidth, invisible characters inside, another case, combining marks, ligatures, expanding case folds).
+WORDS = ["secret", "top secret", "Paris", "cat", "caterpillar", "x", "hello", "the", ",", " ", ".", "sec", "secrets",
+         "cats", "ｓｅｃｒｅｔ", "se\u200bcret", "SECRET", "\u200b", "\u00ad", "PARİS", "pa\u200dris", "ß", "ﬁ", "e\u0301",
+         "\u0301", "ＣＡＴＳ", "caté"]
+REDACTED = ["secret", "top secret", "cat"]
+
+
+def reference(words: list[str]) -> re.Pattern:
+    """The rules as a regular expression: whole words (an accent's combining mark is part of the word),
+    with -s or -es, in any case."""
+    alternatives = "|".join(re.escape(w) + "(?:s|es)?" for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![\w\u0300-\u036f])(?:{alternatives})(?![\w\u0300-\u036f])", re.IGNORECASE)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(WORDS), max_size=30), st.lists(st.integers(0, 400), max_size=12))
 def test_redaction_is_the_same_whatever_the_chunking(words, cuts):
     text = "".join(words)
-    f = OutputFilter({"redact": ["secret", "top secret", "cat"]})
-    expected = re.sub(r"(?<!\w)(?:top secret|secret|cat)(?!\w)", "[redacted]", text, flags=re.IGNORECASE)
-    assert stream_through(f, split(text, cuts)) == (expected, False)
+    f = OutputFilter({"redact": REDACTED})
+    whole = stream_through(f, [text])
+    assert stream_through(f, split(text, cuts)) == whole
+    assert not reference(REDACTED).search(fold(whole[0]))  # nothing listed got through
+    if text.isascii():
+        assert whole == (reference(REDACTED).sub("[redacted]", text), False)
 
 
 @settings(max_examples=300, deadline=None)
@@ -70,11 +86,26 @@ def test_redaction_is_the_same_whatever_the_chunking(words, cuts):
 def test_a_blocked_word_never_reaches_the_caller_and_ends_the_choice(words, cuts):
     text = "".join(words)
     f = OutputFilter({"block": ["paris"], "redact": ["cat"]})
-    hit = re.search(r"(?<!\w)paris(?!\w)", text, flags=re.IGNORECASE)
-    before = text if hit is None else text[:hit.start()]
-    expected = re.sub(r"(?<!\w)cat(?!\w)", "[redacted]", before, flags=re.IGNORECASE)
-    seen, stopped = stream_through(f, split(text, cuts))
-    assert (seen, stopped) == (expected, hit is not None)
+    whole = stream_through(f, [text])
+    assert stream_through(f, split(text, cuts)) == whole
+    assert not reference(["paris"]).search(fold(whole[0]))
+    if text.isascii():
+        hit = reference(["paris"]).search(text)
+        before = text if hit is None else text[:hit.start()]
+        assert whole == (reference(["cat"]).sub("[redacted]", before), hit is not None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=30), st.lists(st.integers(0, 400), max_size=12),
+       st.sampled_from([REDACTED, [{"word": "e", "match": "substring"}], [{"word": "s", "match": "substring"}]]))
+def test_redaction_leaves_the_text_around_each_match_as_it_was(words, cuts, rules):
+    text = "".join(words)
+    seen, _ = stream_through(OutputFilter({"redact": rules, "replacement": "\0"}), split(text, cuts))
+    at = 0
+    for kept in seen.split("\0"):  # what is not a replacement is the original, in order
+        found = text.find(kept, at)
+        assert found >= 0, (text, seen)
+        at = found + len(kept)
 
 
 def test_a_word_split_across_chunks_is_redacted_and_a_longer_word_is_not():
@@ -85,6 +116,63 @@ def test_a_word_split_across_chunks_is_redacted_and_a_longer_word_is_not():
                           ["a secret ", "Secret"]) == ("a secret [redacted]", False)
 
 
+EVASIONS = {
+    "a zero-width space inside": "b\u200bad",
+    "a soft hyphen inside": "b\u00adad",
+    "fullwidth letters": "ｂａｄ",
+    "capitals": "BaD",
+    "a plural": "bads",
+    "fullwidth, plural, a joiner inside": "ＢＡ\u200dＤＳ",
+}
+
+
+@pytest.mark.parametrize("evasion", EVASIONS.values(), ids=EVASIONS.keys())
+def test_evasions_of_a_word_are_caught_streamed_and_not_and_only_they_are_replaced(evasion):
+    text = f"Oh, «{evasion}» café!"
+    for cuts in [[]] + [[i] for i in range(1, len(text))] + [[i, i + 2] for i in range(1, len(text) - 2)]:
+        assert stream_through(OutputFilter({"redact": ["bad"]}), split(text, cuts)) == ("Oh, «[redacted]» café!", False)
+        assert stream_through(OutputFilter({"block": ["bad"]}), split(text, cuts)) == ("Oh, «", True)
+    for call in (chat_call(text), Call(method="completion", model="m", prompt=text)):
+        blocked = refusal(InputFilter({"block": ["bad"]}), call)
+        assert blocked.status == 400 and repr(evasion) in blocked.message
+        run(InputFilter({"redact": ["bad"]}).on_request(call))
+        assert (call.prompt or call.messages[0]["content"]) == "Oh, «[redacted]» café!"
+
+
+def test_words_glued_to_others_are_caught_by_a_substring_rule_only():
+    glued = "xxbadxx and ｍｅｇａｂａｄ"
+    assert stream_through(OutputFilter({"redact": ["bad"]}), split(glued, [3, 17])) == (glued, False)
+    substring = OutputFilter({"redact": [{"word": "bad", "match": "substring"}]})
+    for cuts in ([], [3], [4, 17], [16]):
+        assert stream_through(substring, split(glued, cuts)) == ("xx[redacted]xx and ｍｅｇａ[redacted]", False)
+    assert stream_through(OutputFilter({"redact": [{"word": "bad", "match": "word"}]}), [glued]) == (glued, False)
+
+
+def test_plurals_of_a_whole_word_rule_are_the_common_english_endings():
+    f = OutputFilter({"redact": ["party", "box", "day"]})
+    text = "party parties partys boxes boxs days dayies partying"
+    assert stream_through(f, [text]) == (" ".join(["[redacted]"] * 6 + ["dayies", "partying"]), False)
+
+
+def test_accents_and_ligatures_match_however_they_are_written():
+    f = OutputFilter({"redact": ["café", "ﬁne"]})
+    assert stream_through(f, ["a cafe\u0301 is fine, ", "a CAFÉ is ", "ｆｉｎｅ"]) == \
+        ("a [redacted] is [redacted], a [redacted] is [redacted]", False)
+    # A combining mark is part of the letter before it, also when it comes in the next piece: "secret"
+    # with an accent on its t (which has no precomposed form) is another word.
+    accented = OutputFilter({"redact": ["secret", {"word": "cre", "match": "substring"}]})
+    assert stream_through(accented, ["a secret", "\u0301 secret"]) == ("a se[redacted]t\u0301 [redacted]", False)
+
+
+def test_the_input_filter_covers_the_names_of_messages():
+    call = Call(method="chat", model="m", messages=[{"role": "user", "content": "hi"},
+                                                    {"role": "user", "content": "hello", "name": "ｂａｄ_guy"}])
+    assert refusal(InputFilter({"block": [{"word": "bad", "match": "substring"}]}), call).message == \
+        "messages[1].name: the input contains the blocked word 'ｂａｄ'"
+    run(InputFilter({"redact": [{"word": "bad", "match": "substring"}]}).on_request(call))
+    assert call.messages[1] == {"role": "user", "content": "hello", "name": "[redacted]_guy"}
+
+
 def test_the_chain_stops_a_choice_with_what_passed_the_outer_middleware():
     class Upper(Middleware):
         def on_text(self, call, index, text):
@@ -92,10 +180,10 @@ def test_the_chain_stops_a_choice_with_what_passed_the_outer_middleware():
 
     chain = Chain([Upper(), OutputFilter({"block": ["stop"]})])
     call = chat_call()
-    assert chain.text(call, 0, "go on ") == "GO ON "
+    assert chain.text(call, 0, "go on ") == "GO ON"  # the last character waits for what may follow it
     with pytest.raises(StopChoice) as e:
         chain.text(call, 0, "and stop here")
-    assert e.value.text == "AND " and e.value.finish_reason == "content_filter"
+    assert e.value.text == " AND " and e.value.finish_reason == "content_filter"
 
 
 # -- input filter, prompts, security ------------------------------------------------------------
@@ -103,7 +191,8 @@ def test_the_chain_stops_a_choice_with_what_passed_the_outer_middleware():
 def test_a_blocked_input_word_is_refused_by_name_and_redacted_words_are_replaced():
     f = InputFilter({"block": ["forbidden"], "redact": ["acme corp"]})
     assert refusal(f, chat_call("this is Forbidden.")).status == 400
-    assert "'Forbidden'" in refusal(f, chat_call("this is Forbidden.")).message
+    assert refusal(f, chat_call("this is Forbidden.")).message == \
+        "messages[0].content: the input contains the blocked word 'Forbidden'"
     call = chat_call("ask ACME Corp about acme corporation")
     run(f.on_request(call))
     assert call.messages[0]["content"] == "ask [redacted] about acme corporation"

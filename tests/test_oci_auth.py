@@ -115,3 +115,19 @@ def test_https_with_the_configured_certificate(tmp_path_factory):
     r = httpx.get(node_url(proc, "https") + "/v2/", verify=ssl.create_default_context(cafile=str(cert)))
     assert r.status_code == 200 and r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
     assert proc.stop() == 0
+
+
+def test_the_grpc_chunk_api_of_a_node_whose_reads_need_a_token_reads_for_nobody_over_plain_grpc(closed_node):
+    """With insecure = true, gRPC cannot tell a node from anyone else: the chunk API must not be the way
+    around the tokens the OCI API asks for."""
+    import grpc
+
+    from clowder.v1 import registry_pb2, registry_pb2_grpc
+
+    stub = registry_pb2_grpc.RegistryStub(closed_node.channel("storage"))
+    for call in (lambda: stub.ListRepositories(registry_pb2.ListRepositoriesRequest(), timeout=10),
+                 lambda: list(stub.FetchChunks(registry_pb2.FetchChunksRequest(ids=[b"\0" * 32]), timeout=10))):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "anonymous_read = false" in refused.value.details()

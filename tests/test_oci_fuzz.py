@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from clowderd.store.content import ContentStore
 from clowderd.storage.oci.errors import STATUS
+from tests.fuzz_fixtures import Cases, fuzz_client
 from tests.oci_client import digest_of, image_manifest, node_url, push_blob
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-cases = {"count": 0}
+cases = Cases()
 
 names = st.one_of(
     st.sampled_from(["ok", "a/b/c", "UPPER", "a/../b", "..", "a//b", "-a", "a-", "a__b", "x" * 300, "a/./b", "é"]),
@@ -36,15 +37,12 @@ manifest_keys = st.sampled_from(["schemaVersion", "mediaType", "config", "layers
 
 @pytest.fixture(scope="module")
 def client(oci_node, request):
-    with httpx.Client(base_url=node_url(oci_node), timeout=30) as c:
+    with fuzz_client(request, node_url(oci_node), "OCI", cases) as c:
         yield c
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\nOCI fuzzer: {cases['count']} HTTP cases checked")
 
 
 def check(r: httpx.Response) -> httpx.Response:
-    cases["count"] += 1
+    cases.count += 1
     assert r.status_code < 500, (r.request.method, r.request.url, r.status_code, r.text)
     if r.status_code >= 400 and r.request.method != "HEAD":  # a HEAD answer has no body
         body = r.json()

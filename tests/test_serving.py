@@ -15,9 +15,9 @@ import openai
 
 from clowder.v1 import common_pb2
 from clowderd.store.content import ContentStore
-from tests.cluster_fixtures import token_file, wait_for
-from tests.test_controller_deployments import Admin, start_controller
+from tests.cluster_fixtures import start_node, wait_for
 from tests.store_fixtures import flip_byte
+from tests.test_controller_deployments import Admin, start_controller
 from tests.worker_fixtures import build_chat_image
 
 QUESTION = [{"role": "user", "content": "Hello there"}]
@@ -54,9 +54,7 @@ def test_no_call_fails_while_the_controller_is_killed_and_restarted(clowderd, tm
     data = tmp_path_factory.mktemp("controller") / "data"
     build_chat_image(data / "store", tmp_path_factory.mktemp("models"), "tiny-chat:v1")
     controller = start_controller(clowderd, data, args=["--deploy", "chat=tiny-chat:v1"])
-    address = controller.addresses["controller"]
-    joining = {"controller": address, "join_token_file": str(token_file(controller))}
-    lb = clowderd(roles=("worker", "lb"), config_extra={"node_name": "w1", "worker": joining, "lb": joining})
+    lb = start_node(clowderd, controller, "w1", ("worker", "lb"))
     client = lb_client(lb)
     wait_for("the deployment answers through the lb", lambda: answers(client, "chat"), timeout=120)
 
@@ -74,7 +72,9 @@ def test_no_call_fails_while_the_controller_is_killed_and_restarted(clowderd, tm
         controller.send_signal(signal.SIGKILL)
         controller.wait()
         time.sleep(1.0)
-        start_controller(clowderd, data, **{r: {"listen": controller.addresses[r]} for r in ("controller", "storage")})
+        start_controller(clowderd, data, controller={"listen": controller.addresses["controller"],
+                                                     "cluster_listen": controller.addresses["cluster"]},
+                         storage={"listen": controller.addresses["storage"]})
         time.sleep(1.5)
     finally:
         stop.set()
@@ -107,9 +107,7 @@ def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, corrupt_on_
     if corrupt_on_storage:
         flip_stored_byte(data, digest)
     controller = start_controller(clowderd, data, args=["--deploy", "chat=tiny-chat:v1"])
-    joining = {"controller": controller.addresses["controller"], "join_token_file": str(token_file(controller))}
-    worker = clowderd(roles=("worker", "lb"), config_extra={"node_name": "w1", "data_dir": str(worker_data),
-                                                             "worker": joining, "lb": joining})
+    worker = start_node(clowderd, controller, "w1", ("worker", "lb"), data_dir=str(worker_data))
     return controller, worker, digest, weights
 
 

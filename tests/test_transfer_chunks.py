@@ -13,6 +13,7 @@ import pytest
 from clowderd.aimage.build import build
 from clowderd.aimage.clowderfile import load_clowderfile
 from clowderd.store.content import ContentStore
+from clowderd.trust.dial import Dialer
 from tests import modelgen
 from tests.clowderd_proc import REPO_ROOT
 
@@ -176,7 +177,7 @@ def test_fetch_chunks_packed_and_unpacked_give_the_same_chunks(nodes, tiny_llama
     import hashlib
 
     digest = "sha256:" + hashlib.sha256(weights).hexdigest()
-    source = ChunkSource(src.addresses["storage"], 1)
+    source = ChunkSource(src.addresses["storage"], 1, Dialer(None))  # a storage node of no cluster
     try:
         _, chunks = source.chunk_index(digest)
         ids = [c[2] for c in chunks]

@@ -90,6 +90,12 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[tuple, list, str]]
         return [_problem(path, f"{error.instance!r} is not {schema['description']}")]
     if error.validator == "format" and error.validator_value == "regex":
         return [_problem(path, f"{error.instance!r} is not a valid regular expression")]
+    if error.validator == "anyOf":  # the alternative of the value's type says what is wrong with it
+        fitting = [e for e in error.context if e.validator != "type"]
+        if fitting:
+            return [p for e in fitting for p in _explain(e)]
+        kinds = " or ".join(str(s.get("type")) for s in error.validator_value)
+        return [_problem(path, f"{error.instance!r} is not a {kinds}")]
     return [_problem(path, error.message)]
 
 

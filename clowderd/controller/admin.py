@@ -1,8 +1,11 @@
-"""clowder.v1.Controller, the admin API: nodes, deployments (deployments.py), events and the join token.
-Every call needs the admin token."""
+"""clowder.v1.Controller, the admin API: nodes (revocation included), deployments (deployments.py), events,
+the join token and admin certificates. Every call needs the admin token; a refused one is logged with
+the peer."""
 from __future__ import annotations
 
 import functools
+import logging
+import secrets
 import time
 from typing import Any, Awaitable, Callable
 
@@ -10,7 +13,8 @@ import grpc
 
 from clowder.v1 import controller_pb2, controller_pb2_grpc
 from clowderd.controller import tokens
-from clowderd.controller.cluster import DEPLOYMENTS, EVENTS, Cluster
+from clowderd.controller.certificates import ADMIN_CERTIFICATE_LIFETIME, Certifier
+from clowderd.controller.cluster import DEPLOYMENTS, EVENTS, Cluster, assignments_key
 from clowderd.controller.deployments import Deployments
 from clowderd.controller.state import READY, EventRecord, NodeRecord
 from clowderd.controller.status import HANDLED, status_code
@@ -18,6 +22,9 @@ from clowderd.controller.timestamps import timestamp
 from clowderd.controller.tokens import ClusterTokens
 from clowderd.errors import InvalidInput
 from clowderd.server import ROLE_ENUM, unimplemented_servicer
+from clowderd.trust import certs
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
@@ -69,16 +76,21 @@ def admin_call(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 
 
 class AdminServicer(_Unimplemented):
-    def __init__(self, cluster: Cluster, cluster_tokens: ClusterTokens, deployments: Deployments):
+    def __init__(self, cluster: Cluster, cluster_tokens: ClusterTokens, deployments: Deployments,
+                 certifier: Certifier | None, own_name: str):
         self.cluster = cluster
         self.state = cluster.state
         self.cluster_tokens = cluster_tokens
         self.deployments = deployments
+        self.certifier = certifier  # None with insecure = true
+        self.own_name = own_name  # the node of the controller's process
 
     async def authorize(self, context: grpc.aio.ServicerContext) -> None:
         token = tokens.bearer(context.invocation_metadata())
         if not self.cluster_tokens.is_admin(token):
             what = "the admin token is wrong" if token else "no admin token was given"
+            log.warning("call refused", extra={"listener": "controller", "code": "UNAUTHENTICATED",
+                                               "peer": context.peer(), "reason": what})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"{what}: send it as `authorization: Bearer TOKEN` (clowderctl --token or "
                                 "$CLOWDER_TOKEN); it is in DATA_DIR/controller/admin-token on the controller")
@@ -134,6 +146,33 @@ class AdminServicer(_Unimplemented):
         node = await self._scheduling_changed(self.state.set_schedulable, request.name, cordoned=True, draining=True,
                                               now=time.time())
         return controller_pb2.DrainNodeResponse(node=cluster_node(node))
+
+    @admin_call
+    async def RevokeNode(self, request: controller_pb2.RevokeNodeRequest,
+                         context: grpc.aio.ServicerContext) -> controller_pb2.RevokeNodeResponse:
+        if self.certifier is not None and request.name == self.own_name:
+            raise InvalidInput(f"name: {request.name} is the controller's own node; revoking it would leave the "
+                               "cluster without a controller")
+        node, serials = await self.cluster.call(self.state.revoke_node, request.name, time.time())
+        if self.certifier is not None:
+            await self.certifier.revoked(serials)
+        self.cluster.changes.publish(assignments_key(node.id))  # its assignment watch ends
+        self.cluster.changes.publish(DEPLOYMENTS)
+        log.warning("node revoked", extra={"node": node.name, "node_id": node.id, "serials": serials,
+                                           "peer": context.peer()})
+        return controller_pb2.RevokeNodeResponse(revoked_serials=serials)
+
+    @admin_call
+    async def IssueAdminCertificate(self, request: controller_pb2.IssueAdminCertificateRequest,
+                                    context: grpc.aio.ServicerContext) -> controller_pb2.IssuedCertificate:
+        if self.certifier is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this cluster runs with insecure = true: it issues no certificates")
+        key = certs.requested_key(request.csr)
+        issued, holder = await self.certifier.issue_recorded(key, f"admin-{secrets.token_hex(6)}", "clowderctl",
+                                                             (certs.ADMIN,), ADMIN_CERTIFICATE_LIFETIME)
+        log.info("admin certificate issued", extra={"serial": holder.serial, "peer": context.peer()})
+        return issued
 
     # -- deployments ------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Every query and write runs on one thread of its own, one at a time: SQLite never
 loop and never sees two writers. Whoever watches a node's assignments or the events waits on
 `changes`, which moves when a call changed them. DEPLOYMENTS moves when anything the reconcile loop
 or the routes depend on changed: deployments, replicas and what nodes report of them, nodes joining,
-going and coming back, cordons and drains.
+going and coming back, cordons and drains. TRUST moves when certificates were revoked.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ T = TypeVar("T")
 
 EVENTS = "events"
 DEPLOYMENTS = "deployments"
+TRUST = "trust"
 
 
 def assignments_key(node_id: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from clowderd.controller.requirements import requirements
 from clowderd.controller.state import DeploymentRecord, NodeRecord, ReplicaRecord
 from clowderd.controller.timestamps import timestamp
 from clowderd.errors import InvalidInput
+from clowderd.trust.dial import Dialer
 
 MAX_REPLICAS = 1000
 S = controller_pb2.DeploymentState
@@ -131,16 +132,17 @@ def _apply_mask(current: controller_pb2.Deployment, given: controller_pb2.Deploy
 
 
 class Deployments:
-    def __init__(self, cluster: Cluster, reconciler: Reconciler, storage: Callable[[], str | None]):
+    def __init__(self, cluster: Cluster, reconciler: Reconciler, storage: Callable[[], str | None], dialer: Dialer):
         self.cluster = cluster
         self.state = cluster.state
         self.reconciler = reconciler
         self.storage = storage  # the default storage node's address, asked for at each resolution
+        self.dialer = dialer  # how the controller reaches storage nodes
 
     async def create(self, request: controller_pb2.CreateDeploymentRequest) -> controller_pb2.Deployment:
         given = request.deployment
         check_deployment(given)
-        image = await images.resolve(given.spec.image, self.storage())
+        image = await images.resolve(given.spec.image, self.storage(), self.dialer)
         needs = requirements(given.name, given.spec, image)
         if request.validate_only:
             await self.cluster.call(self.state.deployment_absent, given.name)
@@ -191,7 +193,7 @@ class Deployments:
         check_deployment(changed)
         image = record.image
         if not paths or "spec" in paths or "spec.image" in paths:
-            image = await images.resolve(changed.spec.image, self.storage())
+            image = await images.resolve(changed.spec.image, self.storage(), self.dialer)
         if request.validate_only:
             where = await self.cluster.call(self.reconciler.on_paper,
                                             requirements(record.name, changed.spec, image))

@@ -20,6 +20,7 @@ from clowderd.aimage.config import canonical_json
 from clowderd.aimage.manifest import parse_manifest
 from clowderd.aimage.reference import parse_reference
 from clowderd.errors import ClowderError, InvalidInput, NotFound
+from clowderd.trust.dial import Dialer
 
 CALL_TIMEOUT_S = 30.0
 CONFIG_MAX_BYTES = 1 << 20
@@ -60,10 +61,10 @@ class ResolvedImage:
                    tuple((digest, size) for digest, size in data["layers"]))
 
 
-async def resolve(image: str, default_storage: str | None) -> ResolvedImage:
-    """The image `image` names, at its storage node. InvalidInput for a bad reference or no storage
-    node to ask, NotFound for an image the node does not have, StorageUnavailable when it cannot be
-    asked."""
+async def resolve(image: str, default_storage: str | None, dialer: Dialer) -> ResolvedImage:
+    """The image `image` names, at its storage node (reached with dialer). InvalidInput for a bad
+    reference or no storage node to ask, NotFound for an image the node does not have,
+    StorageUnavailable when it cannot be asked."""
     ref = parse_reference(image)
     storage = ref.registry or default_storage
     if not storage:
@@ -71,7 +72,7 @@ async def resolve(image: str, default_storage: str | None) -> ResolvedImage:
                            "HOST:PORT/repository:tag, set [controller] storage, or run the storage role in the "
                            "controller's process")
     what = f"image {image!r} at storage node {storage}"
-    async with grpc.aio.insecure_channel(storage) as channel:
+    async with dialer.aio_channel(storage, "storage") as channel:
         stub = registry_pb2_grpc.RegistryStub(channel)
         try:
             got = await stub.GetManifest(registry_pb2.GetManifestRequest(

@@ -195,7 +195,9 @@ class Reconciler:
                 nodes: dict[str, NodeRecord], replicas: list[ReplicaRecord]) -> tuple[list[Node], list[Claim]]:
         """The scheduler's nodes and the claims of the placed replicas."""
         layers_of = {d.image.manifest_digest: {digest for digest, _ in d.image.layers} for d in deployments.values()}
-        candidates = [scheduler_node(node, layers_of) for node in nodes.values()]
+        # Nodes without the worker role (the controller's own, storage nodes, lbs) are members too, but no
+        # candidates: they would only be counted "not a worker" in every unschedulable message.
+        candidates = [scheduler_node(node, layers_of) for node in nodes.values() if "worker" in node.roles]
         claims = [self._claim(r, nodes[r.node_id].name, needs.get(r.deployment)) for r in replicas
                   if r.node_id and (r.terminating or r.deployment in needs)]
         return candidates, claims

@@ -9,7 +9,7 @@ in milliseconds, so that they also increase across controller restarts while the
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from clowder.v1 import controller_pb2
 from clowderd.controller.cluster import DEPLOYMENTS, Cluster
@@ -49,13 +49,15 @@ class RouteFeed:
         self.revision = max(self.revision + 1, time.time_ns() // 1_000_000)
         return self.revision
 
-    async def watch(self) -> AsyncIterator[controller_pb2.RouteEvent]:
-        """A snapshot, then the changes, until the controller stops."""
+    async def watch(self, still_allowed: Callable[[], Awaitable[None]]) -> AsyncIterator[controller_pb2.RouteEvent]:
+        """A snapshot, then the changes, until the controller stops; still_allowed runs at every wakeup
+        (it ends the watch of a caller whose certificate was revoked meanwhile)."""
         changes = self.cluster.changes
         Event = controller_pb2.RouteEvent
         sent: dict[str, controller_pb2.Route] | None = None
         while True:
             seen = changes.version(DEPLOYMENTS)
+            await still_allowed()
             routes = await self.cluster.call(current_routes, self.cluster.state)
             if sent is None:
                 yield Event(type=SNAPSHOT, revision=self._next_revision(), routes=routes.values())

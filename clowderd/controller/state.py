@@ -1,7 +1,9 @@
 """The controller's desired and observed state: one SQLite database (WAL) in its data directory.
 
-- nodes: who joined (id, name, credential digest), how to reach them, what they last reported
-  (description, inventory, replicas, heartbeat time) and what the admin set (labels, cordon, drain);
+- nodes: who joined (id, name), how to reach them, what they last reported (description, inventory,
+  replicas, heartbeat time) and what the admin set (labels, cordon, drain);
+- certificates: every certificate the cluster CA issued to a node (serial, node, roles, end), and
+  whether it was revoked;
 - secrets: digests of the join and admin tokens;
 - events: append-only, the newest EVENTS_KEPT kept;
 - deployments and replicas: what users asked for, and the replicas placed on nodes with what the
@@ -106,6 +108,18 @@ ALTER TABLE replicas ADD COLUMN terminating_since REAL NOT NULL DEFAULT 0;  -- r
 ALTER TABLE replicas ADD COLUMN terminating_reason TEXT NOT NULL DEFAULT '';
 """, """
 ALTER TABLE replicas ADD COLUMN terminating_grace REAL NOT NULL DEFAULT 0;  -- seconds to finish calls; 0: default
+""", """
+CREATE TABLE certificates (
+    serial     TEXT PRIMARY KEY,           -- hex
+    node_id    TEXT NOT NULL,              -- kept after the node's record is gone (revoked)
+    node_name  TEXT NOT NULL,
+    roles      TEXT NOT NULL,              -- role names, comma-separated
+    issued_at  REAL NOT NULL,
+    not_after  REAL NOT NULL,
+    revoked_at REAL NOT NULL DEFAULT 0     -- 0: not revoked
+);
+CREATE INDEX certificates_by_node ON certificates (node_id);
+ALTER TABLE nodes DROP COLUMN credential_sha256;  -- nodes are who their certificates say
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -283,56 +297,103 @@ class ClusterState:
 
     # -- nodes: membership ------------------------------------------------------------------------
 
-    def node_credential(self, node_id: str) -> str | None:
-        """The digest of the node's credential; None for an unknown node."""
-        row = self._conn.execute("SELECT credential_sha256 FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        return None if row is None else row[0]
-
-    def register_node(self, info: common_pb2.NodeInfo, worker_address: str, credential_sha256: str,
-                      now: float) -> NodeRecord:
-        """A node that joined with the join token. A new node, unless an unreachable node has its name:
-        then that node, with the new credential (a reinstalled machine keeps its id, labels and
-        cordon). AlreadyExists when a ready node has the name."""
+    def enroll_node(self, info: common_pb2.NodeInfo, now: float) -> tuple[NodeRecord, list[str]]:
+        """A node that joined with the join token, and the serials of certificates this revoked. A new node,
+        unless an unreachable node has its name: then that node (a reinstalled machine keeps its id,
+        labels and cordon), whose earlier certificates are revoked (their key is gone with the machine, or
+        in other hands). AlreadyExists when a ready node has the name."""
         with self._write() as db:
             row = db.execute("SELECT id, state FROM nodes WHERE name = ?", (info.name,)).fetchone()
             if row is not None and row["state"] == READY:
                 raise AlreadyExists(f"node name {info.name!r} is taken by node {row['id']}, which is heartbeating; "
                                     "give this node another name (node_name in its clowderd.toml)")
-            columns = self._reported_columns(info, worker_address)
+            columns = self._reported_columns(info, "")
+            revoked: list[str] = []
             if row is None:
                 node_id = f"node-{secrets.token_hex(6)}"
                 db.execute(
-                    "INSERT INTO nodes (id, name, credential_sha256, roles, worker_address, info, inventory, "
-                    "reported_replicas, labels, state, state_since, joined_at, last_heartbeat) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
-                    (node_id, info.name, credential_sha256, *columns, READY, now, now, now))
+                    "INSERT INTO nodes (id, name, roles, worker_address, info, inventory, reported_replicas, "
+                    "labels, state, state_since, joined_at, last_heartbeat) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
+                    (node_id, info.name, *columns, READY, now, now, now))
                 message = f"node {info.name} joined as {node_id}"
             else:
                 node_id = row["id"]
-                db.execute("UPDATE nodes SET credential_sha256 = ?, roles = ?, worker_address = ?, info = ?, "
-                           "inventory = ?, reported_replicas = '[]', state = ?, state_since = ?, joined_at = ?, "
-                           "last_heartbeat = ? WHERE id = ?",
-                           (credential_sha256, *columns, READY, now, now, now, node_id))
+                db.execute("UPDATE nodes SET roles = ?, worker_address = ?, info = ?, inventory = ?, "
+                           "reported_replicas = '[]', state = ?, state_since = ?, joined_at = ?, last_heartbeat = ? "
+                           "WHERE id = ?", (*columns, READY, now, now, now, node_id))
+                revoked = self._revoke_certificates(node_id, now)
                 message = (f"node {info.name} joined with the join token and took over node {node_id}, which was "
-                           "unreachable")
+                           f"unreachable ({len(revoked)} earlier certificate(s) revoked)")
             self._event(NORMAL, "NodeJoined", "Node", info.name, message, now, info.name)
-        return self.node(node_id)
+        return self.node(node_id), revoked
 
-    def rejoin_node(self, node_id: str, info: common_pb2.NodeInfo, worker_address: str, now: float) -> NodeRecord:
-        """A node joined again with its credential: its description is updated and it is ready."""
+    def register_node(self, node_id: str, info: common_pb2.NodeInfo, worker_address: str, now: float) -> NodeRecord:
+        """A member (re)announced itself after a start or a broken session: its description is updated and it
+        is ready. A member whose record is gone (the controller's state was reset) gets one again.
+        AlreadyExists when another node has the name."""
         with self._write() as db:
             row = db.execute("SELECT name, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"node {node_id} is not a member of this cluster")
             other = db.execute("SELECT id FROM nodes WHERE name = ? AND id != ?", (info.name, node_id)).fetchone()
             if other is not None:
                 raise AlreadyExists(f"node {node_id} cannot take the name {info.name!r}: node {other['id']} has it")
+            columns = self._reported_columns(info, worker_address)
+            if row is None:
+                db.execute(
+                    "INSERT INTO nodes (id, name, roles, worker_address, info, inventory, reported_replicas, "
+                    "labels, state, state_since, joined_at, last_heartbeat) "
+                    "VALUES (?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?, ?)",
+                    (node_id, info.name, *columns, READY, now, now, now))
+                self._event(NORMAL, "NodeRegistered", "Node", info.name,
+                            f"node {info.name} ({node_id}) registered with its certificate", now, info.name)
+                return self.node(node_id)
             db.execute("UPDATE nodes SET name = ?, roles = ?, worker_address = ?, info = ?, inventory = ?, "
-                       "last_heartbeat = ? WHERE id = ?",
-                       (info.name, *self._reported_columns(info, worker_address), now, node_id))
+                       "last_heartbeat = ? WHERE id = ?", (info.name, *columns, now, node_id))
             if row["state"] != READY:
                 self._set_ready(node_id, info.name, now)
         return self.node(node_id)
+
+    # -- certificates -----------------------------------------------------------------------------
+
+    def record_certificate(self, serial: str, node_id: str, node_name: str, roles: Sequence[str], not_after: float,
+                           now: float) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO certificates (serial, node_id, node_name, roles, issued_at, not_after) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (serial, node_id, node_name, ",".join(roles), now, not_after))
+
+    def certificate_roles(self, node_id: str, now: float) -> set[str]:
+        """The roles of the node's certificates that are neither revoked nor expired."""
+        rows = self._conn.execute("SELECT roles FROM certificates WHERE node_id = ? AND revoked_at = 0 AND "
+                                  "not_after > ?", (node_id, now))
+        return {role for row in rows for role in row[0].split(",") if role}
+
+    def revoked_serials(self, now: float) -> list[str]:
+        """Serials of the revoked certificates that have not expired (an expired one is refused anyway)."""
+        rows = self._conn.execute("SELECT serial FROM certificates WHERE revoked_at > 0 AND not_after > ? "
+                                  "ORDER BY serial", (now,))
+        return [row[0] for row in rows]
+
+    def _revoke_certificates(self, node_id: str, now: float) -> list[str]:
+        rows = self._conn.execute("SELECT serial FROM certificates WHERE node_id = ? AND revoked_at = 0 AND "
+                                  "not_after > ?", (node_id, now)).fetchall()
+        self._conn.execute("UPDATE certificates SET revoked_at = ? WHERE node_id = ? AND revoked_at = 0",
+                           (now, node_id))
+        return [row[0] for row in rows]
+
+    def revoke_node(self, name: str, now: float) -> tuple[NodeRecord, list[str]]:
+        """End a node's membership: revoke its certificates, put its replicas back to be placed elsewhere
+        (those terminating there are gone), remove its record. The node as it was, and the serials revoked."""
+        with self._write() as db:
+            node = self.node_by_name(name)
+            serials = self._revoke_certificates(node.id, now)
+            db.execute("DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0", (node.id,))
+            db.execute("UPDATE replicas SET node_id = NULL, memory = 0, gpu_memory = '{}', observed_state = '', "
+                       "observed_message = '', observed_generation = 0 WHERE node_id = ?", (node.id,))
+            db.execute("DELETE FROM nodes WHERE id = ?", (node.id,))
+            self._event(WARNING, "NodeRevoked", "Node", name,
+                        f"node {name} ({node.id}) was revoked: {len(serials)} certificate(s) refused from now on, its "
+                        "replicas go elsewhere; it can come back only by joining with the join token", now, name)
+        return node, serials
 
     @staticmethod
     def _reported_columns(info: common_pb2.NodeInfo, worker_address: str) -> tuple[str, str, str, str]:

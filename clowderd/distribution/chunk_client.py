@@ -33,6 +33,7 @@ from clowderd.distribution.progress import Progress
 from clowderd.errors import DigestMismatch, NotFound
 from clowderd.store.content import ContentStore, pack_chunk_index, tiling_error
 from clowderd.store.verify import bad_chunks
+from clowderd.trust.dial import Dialer
 
 DEFAULT_STREAMS = 4
 UNIT_BYTES = 16 << 20  # chunk bytes asked in one FetchChunks call
@@ -84,11 +85,12 @@ def _rpc_error(exc: grpc.RpcError, what: str) -> Exception:
 
 
 class ChunkSource:
-    """A Clowder storage node's Registry service; `streams` connections for parallel fetches."""
+    """A Clowder storage node's Registry service; `streams` connections for parallel fetches, each
+    made by dialer (with this node's certificate, or plain gRPC)."""
 
-    def __init__(self, address: str, streams: int = DEFAULT_STREAMS):
+    def __init__(self, address: str, streams: int, dialer: Dialer):
         self.address = address
-        self._channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(max(1, streams))]
+        self._channels = [dialer.channel(address, "storage", CHANNEL_OPTIONS) for _ in range(max(1, streams))]
         self.stubs = [registry_pb2_grpc.RegistryStub(ch) for ch in self._channels]
         # FetchChunks with the messages left as received (bytes): _parse_packed slices them.
         self.fetchers = [ch.unary_stream(FETCH_CHUNKS, request_serializer=registry_pb2.FetchChunksRequest.SerializeToString,

@@ -19,6 +19,7 @@ from clowderd.distribution.refs import RemoteRef
 from clowderd.errors import ClowderError, DigestMismatch, InvalidInput
 from clowderd.store.content import ContentStore, parse_digest
 from clowderd.store.images import ImageIndex, referenced_digests
+from clowderd.trust.dial import Dialer
 
 
 @dataclass
@@ -56,13 +57,14 @@ def _cuts(path, descriptor: dict) -> list[int]:
 
 def pull(store: ContentStore, ref: RemoteRef, *, name: str | None = None, insecure: bool = False,
          streams: int = chunk_client.DEFAULT_STREAMS, limit_rate: float | None = None,
-         progress: Progress = Progress()) -> PullResult:
-    """Pull ref into store; name it `name` (default ref.local_name, none for a digest-only ref)."""
+         progress: Progress = Progress(), dialer: Dialer | None = None) -> PullResult:
+    """Pull ref into store; name it `name` (default ref.local_name, none for a digest-only ref). A Clowder
+    node is reached with dialer (the caller's certificate), plain gRPC without one."""
     index = ImageIndex(store)
     if name is None and (ref.tag or not ref.digest):
         name = ref.local_name
     if ref.kind == "clowder":
-        source = chunk_client.ChunkSource(ref.registry, streams)
+        source = chunk_client.ChunkSource(ref.registry, streams, dialer or Dialer(None))
         try:
             got = source.get_manifest(ref.repository, ref.reference)
             manifest, remote_digest = got.content, got.digest

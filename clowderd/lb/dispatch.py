@@ -14,15 +14,18 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Union
+from typing import TYPE_CHECKING, AsyncIterator, Union
 
 import grpc
 
 from clowderd.lb.errors import ApiError
 from clowderd.lb.routes import NoReplica, Route, RouteTable
 from clowderd.lb.upstream import UpstreamError, Workers, generate_request
-from clowderd.middleware import conversation
+from clowderd.middleware import auth, conversation
 from clowderd.middleware.base import Call, Chain, Outcome, Refused, StopChoice
+
+if TYPE_CHECKING:
+    from clowderd.middleware.registry import ChainBuilder
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,21 @@ Piece = Union[Text, ChoiceEnd, Usage]
 
 
 class Dispatcher:
-    def __init__(self, routes: RouteTable, workers: Workers, chain_for: Callable[[Route], Chain]):
+    def __init__(self, routes: RouteTable, workers: Workers, chain_for: "ChainBuilder"):
         self.routes = routes
         self.workers = workers
         self.chain_for = chain_for
+
+    def models(self, api_key: str | None) -> list[Route]:
+        """The deployments a caller with `api_key` may call (as the auth middleware decides: 401 without
+        a valid key when the lb has keys): listing them must reveal no more than calling them."""
+        try:
+            user = auth.authenticate(self.chain_for.shared.keys, api_key)
+        except Refused as refusal:
+            refusal.middleware = auth.Authenticate.name
+            raise ApiError.refused(refusal) from None
+        groups = user.groups if user is not None else frozenset()
+        return [r for r in self.routes.list() if auth.admits(frozenset(r.config.get("access_groups") or ()), groups)]
 
     def route(self, call: Call) -> Route:
         route = self.routes.get(call.model)

@@ -9,8 +9,8 @@ from clowderd.middleware.base import Refused
 # OpenAI's error "type" per HTTP status.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               502: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
+               422: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+               500: "server_error", 502: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,

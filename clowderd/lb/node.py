@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 
 from clowderd import httpserver
 from clowderd.lb.dispatch import Dispatcher
-from clowderd.lb.openai_http import OpenAIApp
+from clowderd.lb.openai_http import OpenAIApp, protocol_error
 from clowderd.lb.route_watch import RouteWatch
 from clowderd.lb.routes import RouteTable
 from clowderd.lb.upstream import Workers
 from clowderd.middleware.registry import ChainBuilder, LbPolicy, Shared
+from clowderd.trust.dial import Dialer
 
 if TYPE_CHECKING:
     from clowderd.server import Process
@@ -27,11 +28,11 @@ class LbCore:
     the connections to workers (`local`: this process's worker, see Workers), the chains and the
     dispatcher."""
 
-    def __init__(self, policy: LbPolicy, local: tuple[str, object] | None = None):
+    def __init__(self, policy: LbPolicy, dialer: Dialer, local: tuple[str, object] | None = None):
         self.policy = policy
         self.shared = Shared.open(policy, lambda call, messages: self.dispatcher.summarise(call, messages))
         self.routes = RouteTable()
-        self.workers = Workers(local=local)
+        self.workers = Workers(dialer, local=local)
         self.chains = ChainBuilder(policy, self.shared)
         self.dispatcher = Dispatcher(self.routes, self.workers, self.chains)
 
@@ -48,14 +49,12 @@ class LbNode(LbCore):
                                   keys_file=Path(http.keys_file) if http.keys_file else None,
                                   requests_per_minute=http.requests_per_minute, audit_log=audit_log,
                                   secrets_file=Path(http.secrets_file) if http.secrets_file else None),
-                         local=(cfg.node_name, local) if local is not None else None)
+                         dialer=process.dialer, local=(cfg.node_name, local) if local is not None else None)
 
     def start(self) -> None:
         cfg = self.process.config
         http = cfg.lb_http
-        watch = RouteWatch(self.routes, lambda: self.process.controller_address("lb"), cfg.node_name,
-                           on_change=self.chains.forget, join_token=cfg.lb_join_token,
-                           join_token_file=cfg.lb_join_token_file)
+        watch = RouteWatch(self.routes, self.process.cluster_address, self.process.dialer, on_change=self.chains.forget)
         watching = asyncio.get_running_loop().create_task(watch.run(), name="lb-route-watch")
 
         async def stop_watching() -> None:
@@ -73,6 +72,7 @@ class LbNode(LbCore):
             return
         app = OpenAIApp(self.dispatcher, http.max_body_bytes).app()
         bound = httpserver.serve(self.process, app, http.listen, cfg.where("lb.http_listen"), name="openai-http",
-                                 tls_cert=http.tls_cert, tls_key=http.tls_key, tls_where=cfg.where("lb.tls_cert"))
+                                 limits=http.limits, error_body=protocol_error, tls_cert=http.tls_cert,
+                                 tls_key=http.tls_key, tls_where=cfg.where("lb.tls_cert"))
         log.info("serving http", extra={"role": "lb", "addr": bound, "tls": bool(http.tls_cert),
                                         "auth": self.shared.keys is not None})

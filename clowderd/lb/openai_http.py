@@ -17,9 +17,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
-from clowderd.lb.api import parse_chat, parse_completion
+from clowderd.lb.api import parse_chat, parse_completion, parse_json
 from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
 from clowderd.lb.errors import ApiError
+from clowderd.middleware.auth import bearer
 from clowderd.middleware.base import Call
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,17 @@ class OpenAIApp:
             HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             HttpRoute("/v1/completions", self.completions, methods=["POST"]),
             HttpRoute("/health", self.health, methods=["GET"]),
-        ], exception_handlers={404: self.not_found, 405: self.not_allowed})
+        ], exception_handlers={404: self.not_found, 405: self.not_allowed, Exception: self.internal_error})
 
     # -- handlers -----------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        try:
+            routes = self.dispatcher.models(bearer(request.headers.get("authorization")))
+        except ApiError as e:
+            return _error_response(e)
         data = [{"id": r.deployment, "object": "model", "created": r.created, "owned_by": "clowder",
-                 "image": r.image} for r in self.dispatcher.routes.list()]
+                 "image": r.image} for r in routes]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
@@ -73,6 +78,10 @@ class OpenAIApp:
     async def not_allowed(self, request: Request, exc) -> Response:
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
+    async def internal_error(self, request: Request, exc: Exception) -> Response:
+        """A failure of the lb itself, still in OpenAI's JSON, which clients parse (the exception is logged)."""
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}"))
+
     # -- one call -----------------------------------------------------------------------------------
 
     async def _serve(self, request: Request, parse: Callable[[object], Call], encoding: type) -> Response:
@@ -86,7 +95,7 @@ class OpenAIApp:
             return Response(status_code=499)
         call.received = received
         call.body_bytes = int(request.headers.get("content-length") or 0)
-        call.api_key = _bearer(request.headers.get("authorization"))
+        call.api_key = bearer(request.headers.get("authorization"))
         call.client = request.client.host if request.client else ""
         enc = encoding(call, self.dispatcher.routes.get(call.model))
         pieces = self.dispatcher.run(call)
@@ -119,10 +128,7 @@ class OpenAIApp:
                 raise ApiError(413, f"the request body is over this server's limit of {self.max_body} bytes")
         if not raw:
             raise ApiError(400, "the request has no body: send a JSON object")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        return parse_json(raw)
 
     async def _events(self, enc, first: Piece, pieces: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
         try:
@@ -142,11 +148,10 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def protocol_error(status: int, message: str) -> tuple[str, bytes]:
+    """An error the HTTP server answers before a request reaches the app (a client over the server's
+    limits, a request that is not HTTP), in OpenAI's JSON: clients parse every error as such."""
+    return "application/json", json.dumps(ApiError(status, message).body()).encode()
 
 
 # -- encodings: pieces as OpenAI objects -------------------------------------------------------------

@@ -3,22 +3,22 @@ first, then changes, each route complete. When the controller goes away the lb k
 routes it has and reconnects with backoff, resuming from the last revision it saw; a controller restart
 disturbs no call.
 
-The watch shows the cluster's join token (`authorization: Bearer TOKEN`): [lb] join_token, or the file
-[lb] join_token_file (read at each connection, so that a rotated token is picked up), which defaults
-to the controller's own file when the controller runs in the same process.
+The watch goes to the controller's cluster listener with the lb's own certificate (its role lb is what
+opens WatchRoutes to it); each connection is made anew, so a renewed certificate is presented from the
+next one on.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import Callable
 
 import grpc
 
 from clowder.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from clowderd.lb.routes import Endpoint, Route, RouteTable
+from clowderd.trust.dial import Dialer
 
 log = logging.getLogger("clowderd.lb.routes")
 
@@ -41,28 +41,14 @@ def route_from(msg: controller_pb2.Route) -> Route:
 
 
 class RouteWatch:
-    def __init__(self, routes: RouteTable, controller: Callable[[], str], node_id: str,
-                 on_change: Callable[[str], None] = lambda deployment: None, *, join_token: str | None = None,
-                 join_token_file: str | None = None):
+    def __init__(self, routes: RouteTable, controller: Callable[[], str], dialer: Dialer,
+                 on_change: Callable[[str], None] = lambda deployment: None):
         self.routes = routes
-        self.controller = controller  # the controller's address, asked for at each connection
-        self.node_id = node_id
+        self.controller = controller  # the controller's cluster listener, asked for at each connection
+        self.dialer = dialer
         self.on_change = on_change
-        self.join_token = join_token
-        self.join_token_file = join_token_file
         self.revision = 0
         self.connected = asyncio.Event()  # set while a watch is open and its snapshot applied
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The join token as gRPC metadata; none when neither it nor a readable file is configured."""
-        token = self.join_token
-        if token is None and self.join_token_file is not None:
-            try:
-                token = Path(self.join_token_file).read_text().strip()
-            except OSError as e:
-                log.error("cannot read the join token; watching routes without it", extra={
-                    "file": self.join_token_file, "error": e.strerror})
-        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def apply(self, event: controller_pb2.RouteEvent) -> None:
         if event.type == SNAPSHOT:
@@ -85,10 +71,9 @@ class RouteWatch:
         while True:
             address = self.controller()
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with self.dialer.aio_channel(address, "controller") as channel:
                     stream = controller_pb2_grpc.MembershipStub(channel).WatchRoutes(
-                        controller_pb2.WatchRoutesRequest(node_id=self.node_id, since_revision=self.revision),
-                        metadata=self.metadata())
+                        controller_pb2.WatchRoutesRequest(since_revision=self.revision))
                     async for event in stream:
                         self.apply(event)
                         if event.type == SNAPSHOT:

@@ -11,38 +11,31 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 
 from clowder.v1 import inference_pb2, inference_pb2_grpc
+from clowderd.lb.api import grpc_body, parse_chat, parse_completion
 from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
 from clowderd.lb.errors import ApiError
+from clowderd.middleware.auth import bearer
 from clowderd.middleware.base import Call
 
 if TYPE_CHECKING:
     from clowderd.server import Process
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "n", "ignore_eos")
 
-
-def _sampling(s: inference_pb2.SamplingParams) -> dict:
-    out = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
-    if s.stop:
-        out["stop"] = list(s.stop)
-    return out
-
-
-def _call(request, method: str, context: grpc.aio.ServicerContext, stream: bool) -> Call:
-    metadata = dict(context.invocation_metadata() or ())
-    auth = metadata.get("authorization", "")
-    scheme, _, key = auth.partition(" ")
-    call = Call(method=method, model=request.model, sampling=_sampling(request.sampling), stream=stream,
-                include_usage=True, user=request.user, metadata=dict(request.metadata),
-                api_key=key.strip() if scheme.lower() == "bearer" and key.strip() else None,
-                client=context.peer(), body_bytes=request.ByteSize())
-    if method == "chat":
-        call.messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                         for m in request.messages]
-    else:
-        call.prompt, call.echo = request.prompt, request.echo
+async def _call(request, method: str, context: grpc.aio.ServicerContext, stream: bool) -> Call:
+    """The request as a Call, checked as the HTTP API checks its JSON (INVALID_ARGUMENT naming the field)."""
+    parse = parse_chat if method == "chat" else parse_completion
+    try:
+        call = parse(grpc_body(request, stream))
+    except ApiError as e:
+        await context.abort(e.grpc_code(), e.message)
+    call.include_usage = True  # a gRPC stream always ends with the usage
+    call.api_key = _api_key(context)
+    call.client, call.body_bytes = context.peer(), request.ByteSize()
     return call
+
+
+def _api_key(context: grpc.aio.ServicerContext) -> str | None:
+    return bearer(dict(context.invocation_metadata() or ()).get("authorization"))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -50,16 +43,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.dispatcher = dispatcher
 
     async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        try:
+            routes = self.dispatcher.models(_api_key(context))
+        except ApiError as e:
+            await context.abort(e.grpc_code(), e.message)
         return inference_pb2.ListModelsResponse(data=[
             inference_pb2.Model(id=r.deployment, created=r.created, owned_by="clowder", image=r.image)
-            for r in self.dispatcher.routes.list()])
+            for r in routes])
 
     async def _pieces(self, call: Call, context) -> AsyncIterator[Piece]:
         try:
-            if not call.model:
-                raise ApiError(400, "model: required: the name of a deployment (ListModels lists them)")
-            if call.method == "chat" and not call.messages:
-                raise ApiError(400, "messages: required: a non-empty list of {role, content}")
             async for piece in self.dispatcher.run(call):
                 yield piece
             if call.response_headers:
@@ -86,7 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return texts, finish, usage
 
     async def ChatCompletion(self, request, context) -> inference_pb2.ChatCompletionResponse:
-        call = _call(request, "chat", context, stream=False)
+        call = await _call(request, "chat", context, stream=False)
         texts, finish, usage = await self._collect(call, context)
         return inference_pb2.ChatCompletionResponse(
             **self._head(call), usage=_usage(usage),
@@ -95,7 +88,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 for i, t in enumerate(texts)])
 
     async def StreamChatCompletion(self, request, context):
-        call = _call(request, "chat", context, stream=True)
+        call = await _call(request, "chat", context, stream=True)
         head = self._head(call)
         started: set[int] = set()
         async for piece in self._pieces(call, context):
@@ -113,7 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             yield inference_pb2.ChatCompletionChunk(**head, choices=[choice])
 
     async def Completion(self, request, context) -> inference_pb2.CompletionResponse:
-        call = _call(request, "completion", context, stream=False)
+        call = await _call(request, "completion", context, stream=False)
         texts, finish, usage = await self._collect(call, context)
         return inference_pb2.CompletionResponse(
             **self._head(call), usage=_usage(usage),
@@ -121,7 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                      for i, t in enumerate(texts)])
 
     async def StreamCompletion(self, request, context):
-        call = _call(request, "completion", context, stream=True)
+        call = await _call(request, "completion", context, stream=True)
         head = self._head(call)
         async for piece in self._pieces(call, context):
             if isinstance(piece, Usage):

@@ -2,14 +2,18 @@
 stream early (the caller went away) cancels the call, and with it the generation on the replica."""
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
 
 from clowder.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from clowderd.lb.api import INT64_MAX
 from clowderd.lb.routes import Endpoint
 from clowderd.middleware.base import Call
+from clowderd.trust.dial import Dialer
 
+RETIRED_CHANNEL_GRACE_S = 600.0  # calls on a channel replaced at a renewal get this long to finish
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos")
 
@@ -17,8 +21,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed"
 def generate_request(call: Call, replica_id: str, seed_offset: int = 0) -> worker_pb2.GenerateRequest:
     """The call, after the middleware chain, as a worker request for one choice."""
     sampling = inference_pb2.SamplingParams(**{k: v for k, v in call.sampling.items() if k in SAMPLING_FIELDS})
-    if seed_offset and sampling.HasField("seed"):
-        sampling.seed += seed_offset  # the choices of one call differ
+    if seed_offset and sampling.HasField("seed"):  # the choices of one call differ; int64 wraps to 0
+        sampling.seed = (sampling.seed + seed_offset) % (INT64_MAX + 1)
     request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id=f"{call.id}-{seed_offset}",
                                          adapter_digest=call.adapter_digest)
     if call.method == "chat":
@@ -43,20 +47,28 @@ class UpstreamError(Exception):
 
 
 class Workers:
-    """Worker.Generate on any worker: over gRPC, or, for the worker role of this same process (`local`:
-    its node name and replica manager), by calling it directly."""
+    """Worker.Generate on any worker: over gRPC with the lb's certificate (dialer), or, for the worker role
+    of this same process (`local`: its node name and replica manager), by calling it directly."""
 
-    def __init__(self, local: tuple[str, object] | None = None):
+    def __init__(self, dialer: Dialer, local: tuple[str, object] | None = None):
+        self.dialer = dialer
         self.local = local
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._generation = dialer.generation
         if local is not None:  # only then: a node that is just an lb never loads the worker's code
             from clowderd.worker import service
             self._worker_service = service
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        if self.dialer.generation != self._generation:
+            # The lb's certificate was renewed: new calls go on channels that present the new one; the old
+            # channels close once their calls are done.
+            for old in self._channels.values():
+                asyncio.get_running_loop().create_task(old.close(grace=RETIRED_CHANNEL_GRACE_S))
+            self._channels, self._generation = {}, self.dialer.generation
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = self.dialer.aio_channel(address, "worker")
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def generate(self, endpoint: Endpoint,

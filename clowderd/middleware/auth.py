@@ -11,8 +11,9 @@ optionally a rate limit each:
 
 With a keys file every call needs a key ("Authorization: Bearer KEY"): none or an unknown one is 401.
 The aimage configuration's `access_groups` then admits only members of those groups (403 otherwise);
-without a keys file there is no caller to admit, so such a deployment refuses every call. The file is
-read again when it changes.
+without a keys file there is no caller to admit, so such a deployment refuses every call. The list of
+models follows the same rules: 401 without a valid key, and only the deployments the caller may call.
+The file is read again when it changes.
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ else:  # pragma: no cover
 
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 RELOAD_CHECK_S = 2.0
+
+
+def bearer(header: str | None) -> str | None:
+    """The key of an "Authorization: Bearer KEY" header (HTTP) or metadata entry (gRPC), if any."""
+    scheme, _, key = (header or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
 def key_digest(key: str) -> str:
@@ -117,6 +124,25 @@ class KeyRing:
             pass  # keep the keys in force; a broken edit must not lock everyone out
 
 
+def authenticate(ring: KeyRing | None, api_key: str | None) -> User | None:
+    """The caller of a key; None when the lb has no keys file (it authenticates no one). Raises Refused
+    (401) for a missing or unknown key."""
+    if ring is None:
+        return None
+    if not api_key:
+        raise Refused(401, "this lb needs an API key: send \"Authorization: Bearer KEY\"", "missing_api_key")
+    user = ring.lookup(api_key)
+    if user is None:
+        raise Refused(401, "the API key is not valid", "invalid_api_key")
+    return user
+
+
+def admits(access_groups: frozenset[str], groups: frozenset[str]) -> bool:
+    """Whether a deployment restricted to `access_groups` (none: open to every caller) takes a caller in
+    `groups`."""
+    return not access_groups or bool(groups & access_groups)
+
+
 class Authenticate(Middleware):
     name = "auth"
 
@@ -125,15 +151,11 @@ class Authenticate(Middleware):
         self.access_groups = frozenset(access_groups)
 
     async def on_request(self, call: Call) -> None:
-        if self.ring is not None:
-            if not call.api_key:
-                raise Refused(401, "this lb needs an API key: send \"Authorization: Bearer KEY\"", "missing_api_key")
-            user = self.ring.lookup(call.api_key)
-            if user is None:
-                raise Refused(401, "the API key is not valid", "invalid_api_key")
+        user = authenticate(self.ring, call.api_key)
+        if user is not None:
             call.principal, call.groups = user.name, user.groups
             call.state["requests_per_minute"] = user.requests_per_minute
-        if self.access_groups and not (call.groups & self.access_groups):
+        if not admits(self.access_groups, call.groups):
             allowed = ", ".join(sorted(self.access_groups))
             if call.principal is None:
                 raise Refused(403, f"deployment {call.model!r} is restricted to the groups {allowed}, and this lb "

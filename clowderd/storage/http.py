@@ -40,7 +40,7 @@ def start(process: "Process", store: ContentStore) -> None:
 
     try:
         bound = httpserver.serve(process, app, http.listen, cfg.where("storage.http_listen"), name="oci-http",
-                                 tls_cert=http.tls_cert, tls_key=http.tls_key,
+                                 limits=http.limits, tls_cert=http.tls_cert, tls_key=http.tls_key,
                                  tls_where=cfg.where("storage.tls_cert"), on_stop=stopped)
     except BaseException:
         stopped()

@@ -18,6 +18,7 @@ from clowderd.distribution.refs import parse_remote
 from clowderd.errors import InvalidInput, NotFound
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
+from clowderd.trust.dial import Dialer
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ def local_manifest(store: ContentStore, spec: common_pb2.ReplicaSpec) -> str | N
         return None
 
 
-def pull_image(store: ContentStore, spec: common_pb2.ReplicaSpec, pull_from: str) -> str:
-    """Pull the spec's image from the first of its sources that has it; returns its manifest digest.
+def pull_image(store: ContentStore, spec: common_pb2.ReplicaSpec, pull_from: str, dialer: Dialer) -> str:
+    """Pull the spec's image from the first of its sources that has it (a Clowder node reached with
+    dialer); returns its manifest digest.
     NotFound names the image and, for each source tried, why it failed."""
     what = describe_image(spec)
     if not spec.sources:
@@ -54,7 +56,7 @@ def pull_image(store: ContentStore, spec: common_pb2.ReplicaSpec, pull_from: str
         try:
             ref = parse_remote(f"{source.rstrip('/')}/{image.repository}{reference}")
             check_source(pull_from, ref)
-            result = pull(store, ref)
+            result = pull(store, ref, dialer=dialer)
             log.info("pulled", extra={"image": spec.image, "source": source, "digest": result.digest,
                                       "pulled_bytes": result.pulled_bytes})
             return result.digest

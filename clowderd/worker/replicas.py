@@ -38,6 +38,7 @@ from clowderd.errors import ClowderError, InvalidInput, NotFound, Quarantined, S
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from clowderd.store.views import ViewManager
+from clowderd.trust.dial import Dialer
 from clowderd.worker import images
 from clowderd.worker.engines import BaseKey, EnginePool, EpLayer, SharedEngine
 
@@ -149,9 +150,10 @@ def failure_reason(replica: Replica, error: BaseException) -> str:
 
 
 class ReplicaManager:
-    def __init__(self, store: ContentStore, pull_from: str):
+    def __init__(self, store: ContentStore, pull_from: str, dialer: Dialer):
         self.store = store
         self.pull_from = pull_from
+        self.dialer = dialer  # how pulls reach storage nodes
         self.views = ViewManager(store, ImageIndex(store))
         self.engines = EnginePool(self.views)
         self.replicas: dict[str, Replica] = {}
@@ -241,7 +243,7 @@ class ReplicaManager:
         digest = await asyncio.to_thread(images.local_manifest, self.store, spec)
         if digest is None:
             replica.set_state(S.REPLICA_STATE_PULLING, f"pulling {describe_image(replica)}")
-            digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from)
+            digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from, self.dialer)
         replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
         view = await self._checked_view(replica, digest)
         replica.view = replica.id
@@ -269,7 +271,7 @@ class ReplicaManager:
         log.warning("fetching corrupt blobs again", extra={"replica": replica.id, "blobs": digests})
         replica.set_state(S.REPLICA_STATE_PULLING, f"fetching again the corrupt {blobs}")
         try:
-            await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from)
+            await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from, self.dialer)
         except ClowderError as e:
             raise StoreError(f"{blobs} {are} corrupt on this node and could not be fetched again: {e}") from None
         replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")

@@ -1,10 +1,10 @@
-"""The worker role: clowder.v1.Worker over this node's replicas (replicas.py), and the agent that keeps
-this node a member of the cluster and runs the replicas the controller assigns to it (agent.py).
+"""The worker role: clowder.v1.Worker over this node's replicas (replicas.py), and its part of the node's
+membership session: report the replicas, run those the controller assigns (assignments.py).
 
 The worker opens the node's content store at <data_dir>/store (model views are hard links into it),
 and scrubs it in the background unless the storage role does (clowderd.store.scrub).
-At shutdown the agent stops first; once the servers have stopped taking calls, every replica is
-unloaded (engine hosts exit, views are removed), then the store is closed.
+At shutdown the membership session stops first; once the servers have stopped taking calls, every
+replica is unloaded (engine hosts exit, views are removed), then the store is closed.
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from clowder.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from clowderd.engines.base import Finished
 from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
 from clowderd.errors import InvalidInput, NotFound
-from clowderd.inventory import Inventory
-from clowderd.server import StartupError, StatusCodes
+from clowderd.server import StatusCodes
 from clowderd.store import scrub
 from clowderd.store.content import ContentStore
-from clowderd.worker.agent import IDENTITY_FILE, JoinTokenUnreadable, WorkerAgent, join_token_reader
+from clowderd.worker.assignments import Assignments
 from clowderd.worker.engine_requests import engine_request
 from clowderd.worker.replicas import Replica, ReplicaManager, ReplicaUnavailable
 
@@ -110,41 +109,29 @@ async def generate_responses(replicas: ReplicaManager,
 
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
-    """Add the worker role's services to its server."""
+    """Add the worker role's services to its server, and its part to the node's membership session."""
     config = process.config
     store = ContentStore(Path(config.data_dir) / "store")
     scrub.run_in(process, store, "worker")
-    replicas = ReplicaManager(store, config.worker_pull_from)
+    replicas = ReplicaManager(store, config.worker_pull_from, process.dialer)
     servicer = WorkerServicer(replicas, config.node_name)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    # Generation is the lb's (the middleware chain runs there; an lb in this process calls the replicas
+    # directly); what runs where is the controller's.
+    process.allow("worker", "clowder.v1.Worker", {"Generate": ("lb",), "LoadReplica": ("controller",),
+                                                  "UnloadReplica": ("controller",),
+                                                  "ListReplicas": ("controller", "lb", "admin")})
     process.local_replicas = replicas  # an lb in this process calls them without a network hop
-    join_token = join_token_reader(config.worker_join_token, config.worker_join_token_file)
-    try:
-        join_token()
-    except JoinTokenUnreadable as e:
-        raise StartupError(f"{config.where('worker.join_token_file')}: {e}") from None
-    inventory = Inventory(config.data_dir)
-
-    def joined(node_id: str) -> None:
-        process.node_id = node_id
-
-    async def run_agent() -> None:
-        await WorkerAgent(
-            replicas=replicas, status=servicer.status, controller=process.controller_address("worker"),
-            join_token=join_token, node_info=process.node_info, inventory=inventory,
-            stored_manifests=replicas.views.index.manifest_digests, identity_path=Path(config.data_dir) / IDENTITY_FILE, unload_grace=DEFAULT_UNLOAD_GRACE_S,
-            on_joined=joined).run()
-
-    process.run_in_background(run_agent, "worker agent")
+    process.role_reports.append(Assignments(replicas, servicer.status, replicas.views.index.manifest_digests,
+                                            DEFAULT_UNLOAD_GRACE_S))
 
     async def close_store() -> None:
         store.close()
-        inventory.close()
 
     async def unload_replicas() -> None:
         # Process.shutdown gives each callback max(grace, 1 s); engines still there at half of
         # that are killed, so that none outlives clowderd.
         await replicas.close(max(config.shutdown_grace_seconds, 1.0) / 2)
 
-    process.on_shutdown(close_store, "close the worker's store and NVML")
+    process.on_shutdown(close_store, "close the worker's store")
     process.on_shutdown(unload_replicas, "unload the worker's replicas")  # runs first
