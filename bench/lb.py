@@ -4,10 +4,11 @@ benchmark fixture, not a model).
 
     python bench/lb.py [--seconds 10] [--workdir DIR]
 
-Clowder: one clowderd with all four roles, the echo engine installed as a plugin, and a deployment
-`echo` of an aimage whose configuration switches on a realistic middleware chain (API keys, a rate limit
-that is never reached, security checks, input and output word filters, a system prompt, call log, audit
-log, query storage). LiteLLM: its proxy (installed in a virtual environment of the benchmark's own,
+Clowder: a clowderd with the controller, storage and worker roles (the echo engine installed as a
+plugin) and an lb clowderd that joined it, so that every call crosses from the lb to the worker over
+mutual TLS, as in a cluster; a deployment `echo` of an aimage whose configuration switches on a
+realistic middleware chain (API keys, a rate limit that is never reached, security checks, input and
+output word filters, a system prompt, call log, audit log, query storage). LiteLLM: its proxy (installed in a virtual environment of the benchmark's own,
 offline as ../shared/notes/anchors.md says) in front of bench/echo_openai.py, the same echo as an
 OpenAI-compatible HTTP server. Load comes from Debian's `wrk`.
 
@@ -18,8 +19,8 @@ OpenAI-compatible HTTP server. Load comes from Debian's `wrk`.
     paces its words at 5,000 tokens/s (faster than any model decodes one stream; 10,000 words, so that
     the call's fixed costs weigh little), and, for the record, from the echo at full speed (as fast as
     the engine host can send; 2,000 words).
-(d) 1,000 concurrent streams through the lb, twice: all answered, and the clowderd process's memory
-    before, after the first load and after the second (the second must not add to the first).
+(d) 1,000 concurrent streams through the lb, twice: all answered, and the lb process's memory before,
+    after the first load and after the second (the second must not add to the first).
 """
 from __future__ import annotations
 
@@ -140,28 +141,44 @@ def build_echo_images(store_dir: Path, workdir: Path) -> None:
         store.close()
 
 
-def start_clowder(workdir: Path, site: Path) -> ClowderdProcess:
+def start_clowder(workdir: Path, site: Path) -> tuple[ClowderdProcess, ClowderdProcess]:
+    """The worker's node (controller, storage, worker) and the lb's node, once both deployments answer
+    through the lb."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _default_config(workdir, ("controller", "storage", "worker", "lb"))
+    roles = ("controller", "storage", "worker")
+    config = _default_config(workdir / "node", roles)
+    config["log"]["level"] = "warning"
+    build_echo_images(Path(config["data_dir"]) / "store", workdir)
+    env = {"PYTHONPATH": str(site)}
+    node = ClowderdProcess(_fresh(workdir / "node"), config, roles,
+                           args=["--deploy", "echo=echo-model:v1", "--deploy", "paced=echo-paced:v1"], env=env)
+    node.wait_ready()
+    lb_config = _default_config(workdir / "lb", ("lb",))
     keys = workdir / "keys.toml"
     keys.write_text(f'[users.bench]\nkeys = ["{key_digest(KEY)}"]\n')
     os.chmod(keys, 0o600)
-    config["lb"].update(keys_file=str(keys), requests_per_minute=10_000_000)
-    config["log"]["level"] = "warning"
-    build_echo_images(Path(config["data_dir"]) / "store", workdir)
-    proc = ClowderdProcess(workdir, config, ("controller", "storage", "worker", "lb"),
-                           args=["--deploy", "echo=echo-model:v1", "--deploy", "paced=echo-paced:v1"],
-                           env={"PYTHONPATH": str(site)})
-    proc.wait_ready()
-    url = f"http://{config['lb']['http_listen']}/v1/chat/completions"
+    lb_config["lb"].update(keys_file=str(keys), requests_per_minute=10_000_000)
+    lb_config["log"]["level"] = "warning"
+    lb_config["node_name"] = "bench-lb"
+    lb_config["cluster"] = {"controller": config["controller"]["listen"],
+                            "join_token_file": str(Path(config["data_dir"]) / "controller" / "join-token")}
+    lb = ClowderdProcess(_fresh(workdir / "lb"), lb_config, ("lb",), env=env)
+    lb.wait_ready()
+    url = f"http://{lb_config['lb']['http_listen']}/v1/chat/completions"
     deadline = time.monotonic() + 120
     for model in ("echo", "paced"):
         while httpx.post(url, json={**CHAT, "model": model}, headers={"authorization": f"Bearer {KEY}"},
                          timeout=10).status_code != 200:
-            if time.monotonic() > deadline or proc.returncode is not None:
-                raise SystemExit(f"the {model} deployment did not answer:\n{proc.stderr_text()[-3000:]}")
+            if time.monotonic() > deadline or node.returncode is not None or lb.returncode is not None:
+                raise SystemExit(f"the {model} deployment did not answer:\n{node.stderr_text()[-2000:]}\n"
+                                 f"{lb.stderr_text()[-2000:]}")
             time.sleep(0.5)
-    return proc
+    return node, lb
+
+
+def _fresh(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 async def direct_latency(site: Path, workdir: Path, seconds: float) -> list[float]:
@@ -237,7 +254,7 @@ def main() -> None:
     direct = asyncio.run(direct_latency(site, workdir / "model", 5.0))
     direct_tps = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", 2000))
     direct_paced = asyncio.run(direct_stream_tokens_per_s(site, workdir / "model", PACED_WORDS, PACE))
-    proc = start_clowder(workdir / "clowder", site)
+    node, proc = start_clowder(workdir / "clowder", site)
     try:
         base = f"http://{proc.config['lb']['http_listen']}/v1"
         lb_pid = proc.pid
@@ -255,6 +272,7 @@ def main() -> None:
         rss.append(psutil.Process(lb_pid).memory_info().rss)
     finally:
         proc.stop()
+        node.stop()
     procs, litellm_url = start_litellm(workdir)
     try:
         litellm_one = wrk(litellm_url, CHAT, 1, args.seconds, {})
@@ -275,7 +293,7 @@ def main() -> None:
           f"host directly {direct_paced:.0f} tokens/s; 2,000 words at full speed: lb {lb_tps:.0f} tokens/s, directly "
           f"{direct_tps:.0f}")
     print(f"(d) 1,000 concurrent streams: {done} ended with [DONE] in {streams_s:.1f} s, then {done_again} of 1,000 "
-          f"more; clowderd RSS {rss[0] / mib:.0f} MiB before, {rss[1] / mib:.0f} MiB after the first 1,000, "
+          f"more; the lb's RSS {rss[0] / mib:.0f} MiB before, {rss[1] / mib:.0f} MiB after the first 1,000, "
           f"{rss[2] / mib:.0f} MiB after the second")
     print(figure("lb_added_p50", one["p50_ms"] - direct_p50, "ms", "<=", 1.0))
     print(figure("lb_added_p99", one["p99_ms"] - direct_p99, "ms", "<=", 3.0))

@@ -5,8 +5,6 @@ restart, and `insecure = true` is said at every start."""
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -14,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 
 from clowder.v1 import (common_pb2, controller_pb2, controller_pb2_grpc, inference_pb2, node_pb2, node_pb2_grpc,
                         registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc)
@@ -25,7 +22,7 @@ from clowderd.trust.identity import Material, NodeIdentity
 from tests.clowderd_proc import ClowderdProcess
 from tests.cluster_fixtures import clowderctl, clowderctl_env, start_node, token_file, wait_for
 from tests.test_controller_deployments import GRACE, INTERVAL, LOAD_TIMEOUT, Admin, start_controller
-from tests.trust_fixtures import channel_as
+from tests.trust_fixtures import channel_as, served_serial
 from tests.worker_fixtures import build_chat_image
 
 QUESTION = inference_pb2.ChatCompletionRequest(messages=[inference_pb2.ChatMessage(role="user", content="hi")])
@@ -160,15 +157,6 @@ def test_the_controllers_own_node_cannot_be_revoked(clowderd, tmp_path):
     controller = start_controller(clowderd, tmp_path / "data")
     result = clowderctl(controller, "node", "revoke", "ctl", check=False)
     assert result.returncode == 1 and "is the controller's own node" in result.stderr
-
-
-def served_serial(address: str) -> int:
-    host, port = address.rsplit(":", 1)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw) as tls:
-        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
 def test_certificates_rotate_before_they_expire_without_a_restart(clowderd, tmp_path):

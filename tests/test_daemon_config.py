@@ -278,3 +278,21 @@ def test_controller_storage_strategy_and_deployments_from_the_file(tmp_path):
         build_config(write(tmp_path, '[controller.deploy]\nChat = "x:1"\n'), {})
 
 
+
+
+def test_every_setting_the_example_config_shows_is_one_clowderd_takes(tmp_path):
+    """systemd/clowderd.toml shows every setting commented out: uncommented, it must be a valid config
+    (the join token given as a file, not also inline)."""
+    lines = []
+    for line in (REPO_ROOT / "systemd" / "clowderd.toml").read_text().splitlines():
+        if line.startswith("#[") or (line.startswith("#") and " = " in line and not line.startswith("# ")):
+            if not line.startswith("#join_token = "):
+                lines.append(line[1:])
+        else:
+            lines.append(line)
+    path = tmp_path / "clowderd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = build_config(str(path), {})
+    assert cfg.cluster_controller == Address("controller.example.internal", 7070)
+    assert str(cfg.controller_cluster_listen) == "127.0.0.1:7074" and cfg.lb_http.keys_file
+    assert cfg.controller_deploy == {"chat": "smollm2:135m-instruct"}

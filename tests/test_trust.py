@@ -20,6 +20,7 @@ from clowderd.trust.dial import Dialer
 from clowderd.trust.enroll import fetch_ca
 from clowderd.trust.identity import Material, NodeIdentity
 from tests.clowderd_proc import free_port
+from tests.trust_fixtures import served_serial
 
 LIFETIME = dt.timedelta(days=1)
 
@@ -179,23 +180,10 @@ def test_a_renewed_certificate_is_served_from_the_next_handshake_without_a_resta
             cert = ca.issue(key.public_key(), node_id="node-w", name="node-w", roles=("worker",), lifetime=LIFETIME)
             worker.renewed(Material(certs.key_pem(key), certs.certificate_pem(cert), ca.bundle))
             assert NodeIdentity.load(tmp_path / "w").holder.serial == certs.serial_hex(cert.serial_number)
-            served = await asyncio.to_thread(_served_serial, server.address)
+            served = await asyncio.to_thread(served_serial, server.address)
             assert served == cert.serial_number
             assert first == ca.bundle
     asyncio.run(scenario())
-
-
-def _served_serial(address: str) -> int:
-    import socket
-    import ssl
-    from cryptography import x509
-
-    host, port = address.rsplit(":", 1)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw) as tls:
-        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
 def test_the_ca_is_taken_only_when_its_fingerprint_is_the_tokens(ca: ClusterCA, tmp_path: Path):

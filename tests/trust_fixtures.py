@@ -3,8 +3,11 @@ CA of a controller's data dir (the test process can read its key), not recorded 
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 
 import grpc
+from cryptography import x509
 
 from clowderd.trust import certs
 from clowderd.trust.ca import ClusterCA
@@ -33,3 +36,13 @@ def channel_as(controller: ClowderdProcess, proc: ClowderdProcess, listener: str
     channel = dialer.channel(proc.addresses[listener], "controller" if listener == "cluster" else listener)
     proc.adopt(channel)
     return channel
+
+
+def served_serial(address: str) -> int:
+    """The serial number of the certificate the listener at address presents now (not checked)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number

@@ -130,6 +130,7 @@ class MembershipServicer(_Membership):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_grace = heartbeat_grace
         self.routes = RouteFeed(cluster)
+        self._strays: dict[str, set[str]] = {}  # per node, the unassigned replicas it last reported
 
     async def _node_id(self, named: str, context: grpc.aio.ServicerContext) -> str:
         """The caller's node id: its certificate's. A request that names another node is refused."""
@@ -179,13 +180,28 @@ class MembershipServicer(_Membership):
     async def Heartbeat(self, request: controller_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> controller_pb2.HeartbeatResponse:
         node_id = await self._node_id(request.node_id, context)
+        now = time.time()
         news = await self.cluster.call(self.state.record_heartbeat, node_id, request.inventory,
-                                       list(request.replicas), time.time(), list(request.stored_manifests))
+                                       list(request.replicas), now, list(request.stored_manifests))
         if news is None:
             return controller_pb2.HeartbeatResponse(rejoin=True)
         if news:
             self.cluster.changes.publish(DEPLOYMENTS)
-        return controller_pb2.HeartbeatResponse()
+        strays = await self.cluster.call(self.state.unassigned_replicas, node_id,
+                                         [r.replica_id for r in request.replicas])
+        await self._stray_events(node_id, strays, now)
+        return controller_pb2.HeartbeatResponse(stop_replicas=strays)
+
+    async def _stray_events(self, node_id: str, strays: list[str], now: float) -> None:
+        """An event the first time a node reports a replica no deployment assigned to it (it is told to stop
+        it at every heartbeat until it no longer reports it)."""
+        seen = self._strays.setdefault(node_id, set())
+        for replica_id in sorted(set(strays) - seen):
+            node = await self.cluster.call(self.state.node, node_id)
+            await self.cluster.call(self.state.add_event, WARNING, "ReplicaNotAssigned", "Node", node.name,
+                                    f"node {node.name} runs replica {replica_id}, which no deployment assigned to it; "
+                                    "it is told to stop it", now, node.name)
+        self._strays[node_id] = set(strays)
 
     async def RenewCertificate(self, request: controller_pb2.RenewCertificateRequest,
                                context: grpc.aio.ServicerContext) -> controller_pb2.IssuedCertificate:

@@ -412,7 +412,8 @@ class ClusterState:
                          stored_manifests: Sequence[str] = ()) -> bool | None:
         """Store what the node reported; an unreachable node is ready again. None for an unknown node, else
         whether the scheduler has news: a replica's state, message or generation changed, or the node is
-        back. A replica of the node that became READY or FAILED gets an event."""
+        back. A replica of the node that became READY or FAILED gets an event. One reported STOPPED while
+        still assigned (nobody the controller knows of asked) is FAILED, with a ReplicaLost event."""
         with self._write() as db:
             row = db.execute("SELECT name, state, reported_replicas FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
@@ -424,8 +425,8 @@ class ClusterState:
                        (_to_json(inventory), json.dumps(reported, separators=(",", ":")),
                         json.dumps(sorted(stored_manifests)), now, node_id))
             placed = {r["id"]: r for r in db.execute(
-                "SELECT id, deployment, observed_state, observed_generation FROM replicas WHERE node_id = ?",
-                (node_id,))}
+                "SELECT id, deployment, observed_state, observed_generation, terminating_since FROM replicas "
+                "WHERE node_id = ?", (node_id,))}
             news = False
             for status, as_dict in zip(replicas, reported):
                 seen = before.get(status.replica_id, {})
@@ -434,14 +435,25 @@ class ClusterState:
                 if old is None:
                     continue
                 state = common_pb2.ReplicaState.Name(status.state).removeprefix("REPLICA_STATE_")
+                message = status.message
+                lost = state == "STOPPED" and not old["terminating_since"]
+                if lost:
+                    # Still assigned, yet stopped: nobody the controller knows of asked. A failure to heal
+                    # like any other (reconcile.py restarts it).
+                    state, message = "FAILED", (f"stopped on node {row['name']} without the controller asking"
+                                                + (f" ({status.message})" if status.message else ""))
                 db.execute("UPDATE replicas SET observed_state = ?, observed_message = ?, observed_generation = ?, "
                            "observed_at = ? WHERE id = ?",
-                           (state, status.message, status.observed_generation, now, status.replica_id))
-                if state in ("READY", "FAILED") and (old["observed_state"], old["observed_generation"]) != (
-                        state, status.observed_generation):
+                           (state, message, status.observed_generation, now, status.replica_id))
+                if (old["observed_state"], old["observed_generation"]) == (state, status.observed_generation):
+                    continue
+                if lost:
+                    self._event(WARNING, "ReplicaLost", "Deployment", old["deployment"],
+                                f"replica {status.replica_id}: {message}; it is started again", now, row["name"])
+                elif state in ("READY", "FAILED"):
                     self._event(NORMAL if state == "READY" else WARNING, f"Replica{state.title()}", "Deployment",
                                 old["deployment"], f"replica {status.replica_id} is {state} on node {row['name']}"
-                                + (f": {status.message}" if status.message else ""), now, row["name"])
+                                + (f": {message}" if message else ""), now, row["name"])
             news |= len(before) != len(reported)
             gone = db.execute(f"DELETE FROM replicas WHERE node_id = ? AND terminating_since > 0 AND id NOT IN "
                               f"({','.join('?' * len(replicas))})", (node_id, *(r.replica_id for r in replicas)))
@@ -450,6 +462,15 @@ class ClusterState:
                 self._set_ready(node_id, row["name"], now)
                 news = True
         return news
+
+    def unassigned_replicas(self, node_id: str, reported: Sequence[str]) -> list[str]:
+        """Which of the replicas a node reported are not assigned to it (no row places them there)."""
+        if not reported:
+            return []
+        marks = ",".join("?" * len(reported))
+        placed = {row[0] for row in self._conn.execute(
+            f"SELECT id FROM replicas WHERE node_id = ? AND id IN ({marks})", (node_id, *reported))}
+        return sorted(set(reported) - placed)
 
     def mark_unreachable(self, silent_since: float, now: float, grace: float) -> list[str]:
         """Mark unreachable every ready node with no heartbeat since `silent_since`; their names."""

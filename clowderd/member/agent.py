@@ -52,6 +52,9 @@ class RoleReport(Protocol):
     def changed(self) -> object:
         """A value that differs when the role has news worth a heartbeat before the next one is due."""
 
+    def answered(self, answer: controller_pb2.HeartbeatResponse) -> None:
+        """What the controller answered a heartbeat."""
+
     async def follow(self, stub: controller_pb2_grpc.MembershipStub, node_id: str) -> None:
         """Follow the controller for the session's length (return when the stream ends)."""
 
@@ -184,6 +187,8 @@ class MemberAgent:
                 answer = await stub.Heartbeat(request, timeout=grace)
                 if answer.rejoin:
                     raise SessionEnded("the controller does not know this node any more; registering again")
+                for report in self.role_reports:
+                    report.answered(answer)
                 reported, due = news, loop.time() + interval
             await asyncio.sleep(max(0.0, min(POLL_S, due - loop.time())))
 

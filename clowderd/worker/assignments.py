@@ -2,6 +2,10 @@
 its replicas and the manifests its store holds in every heartbeat, and runs the replicas the controller
 assigns to it.
 
+An assigned replica that stopped without its assignment asking (unloaded by a Worker.UnloadReplica call)
+is reported STOPPED, so that the controller restarts or moves it; a replica the controller says no
+deployment assigned (HeartbeatResponse.stop_replicas: loaded by a Worker.LoadReplica call) is stopped.
+
 Every assignment watch starts with a snapshot, which is applied as the whole truth: replicas not in it
 are unloaded, replicas in it that do not run are loaded. A replica whose spec changes is replaced; one
 that failed stays FAILED, its reason in the heartbeats, until the controller changes or removes it.
@@ -32,11 +36,15 @@ class Assignments:
         self.stored_manifests = stored_manifests
         self.unload_grace = unload_grace
         self._operations: dict[str, asyncio.Task] = {}
+        self._assigned: dict[str, common_pb2.ReplicaSpec] = {}  # as the last snapshot and changes said
 
     # -- what heartbeats carry ----------------------------------------------------------------------
 
     def _statuses(self) -> list[common_pb2.ReplicaStatus]:
-        return [self.status(r) for r in self.replicas.list() if r.state != STOPPED]
+        """Every replica that is not stopped, and the assigned ones that stopped though still assigned as
+        they are (no operation of this worker is under way for them)."""
+        return [self.status(r) for r in self.replicas.list()
+                if r.state != STOPPED or (self._assigned.get(r.id) == r.spec and r.id not in self._operations)]
 
     def changed(self) -> object:
         return [(s.replica_id, s.state, s.message, s.observed_generation) for s in self._statuses()]
@@ -44,6 +52,12 @@ class Assignments:
     def report(self, heartbeat: controller_pb2.HeartbeatRequest) -> None:
         heartbeat.replicas.extend(self._statuses())
         heartbeat.stored_manifests.extend(self.stored_manifests())
+
+    def answered(self, answer: controller_pb2.HeartbeatResponse) -> None:
+        for replica_id in answer.stop_replicas:
+            if replica_id not in self._assigned:  # the controller's word, but never against an assignment
+                log.warning("stopping a replica no deployment assigned", extra={"replica": replica_id})
+                self._then(replica_id, self._stop, replica_id, self.unload_grace)
 
     # -- following assignments ----------------------------------------------------------------------
 
@@ -59,17 +73,19 @@ class Assignments:
 
     def _apply(self, event: controller_pb2.AssignmentEvent) -> None:
         if event.type == controller_pb2.WATCH_EVENT_TYPE_SNAPSHOT:
-            assigned = {spec.replica_id for spec in event.replicas}
+            self._assigned = {spec.replica_id: spec for spec in event.replicas}
             for replica_id in {r.id for r in self.replicas.list()} | self._operations.keys():
-                if replica_id not in assigned:
+                if replica_id not in self._assigned:
                     self._then(replica_id, self._stop, replica_id, self.unload_grace)
             for spec in event.replicas:
                 self._then(spec.replica_id, self._run, spec)
         elif event.type == controller_pb2.WATCH_EVENT_TYPE_PUT:
             for spec in event.replicas:
+                self._assigned[spec.replica_id] = spec
                 self._then(spec.replica_id, self._run, spec)
         elif event.type == controller_pb2.WATCH_EVENT_TYPE_DELETE:
             for spec in event.replicas:
+                self._assigned.pop(spec.replica_id, None)
                 grace = spec.termination_grace.ToTimedelta().total_seconds() \
                     if spec.HasField("termination_grace") else self.unload_grace
                 self._then(spec.replica_id, self._stop, spec.replica_id, grace)
