@@ -321,3 +321,14 @@ def test_a_ranged_get_checks_the_chunks_it_sends(oci, oci_node):
     assert r.status_code == 206 and len(got) < 2_000_000 and got == data[1000 : 1000 + len(got)]
     assert len(_quarantine_records(oci_node, digest)) == 1
     assert oci.get(f"/v2/corrupt/ranged/blobs/{digest}", headers={"Range": "bytes=0-9"}).status_code == 404
+
+
+def test_a_corrupt_manifest_is_unknown_saying_why_until_it_is_pushed_again(oci, oci_node):
+    digest, manifest = push_image(oci, "corrupt/manifest", "v1", [os.urandom(100)])
+    _corrupt_stored_blob(oci_node, digest, 10)
+    r = oci.get("/v2/corrupt/manifest/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
+    assert "quarantined" in r.json()["errors"][0]["message"] and _quarantine_records(oci_node, digest)
+    r = oci.put("/v2/corrupt/manifest/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201
+    assert oci.get("/v2/corrupt/manifest/manifests/v1", headers={"Accept": OCI_MANIFEST}).content == manifest

@@ -92,10 +92,12 @@ def flip_stored_byte(data_dir: Path, digest: str) -> None:
     flip_byte(path, path.stat().st_size // 2)
 
 
-def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, corrupt_on_storage: bool):
+def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, *, corrupt_on_storage: bool = False,
+                                         manifest_too: bool = False):
     """A controller + storage process and a worker + lb process, each store holding tiny-chat:v1, the
-    worker's copy of the weights with a flipped byte (and the storage node's too when asked); `chat`
-    deployed. Returns (controller, worker, the weights' digest, the worker's stored weights)."""
+    worker's copy of the weights with a flipped byte (and of the manifest, and the storage node's copy of
+    the weights, when asked); `chat` deployed. Returns (controller, worker, the weights' digest, the
+    weights, the manifest's digest)."""
     models = tmp_path_factory.mktemp("models")
     data = tmp_path_factory.mktemp("controller") / "data"
     image = build_chat_image(data / "store", models, "tiny-chat:v1")
@@ -104,11 +106,13 @@ def start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, corrupt_on_
     weights = (models / "model-0" / "model.safetensors").read_bytes()
     digest = "sha256:" + hashlib.sha256(weights).hexdigest()
     flip_stored_byte(worker_data, digest)
+    if manifest_too:
+        flip_stored_byte(worker_data, image.digest)
     if corrupt_on_storage:
         flip_stored_byte(data, digest)
     controller = start_controller(clowderd, data, args=["--deploy", "chat=tiny-chat:v1"])
     worker = start_node(clowderd, controller, "w1", ("worker", "lb"), data_dir=str(worker_data))
-    return controller, worker, digest, weights
+    return controller, worker, digest, weights, image.digest
 
 
 def quarantined_by(proc, digest: str) -> list[str]:
@@ -118,7 +122,7 @@ def quarantined_by(proc, digest: str) -> list[str]:
 
 def test_weights_corrupt_on_the_worker_are_fetched_again_from_storage_before_the_engine_loads_them(
         clowderd, tmp_path_factory):
-    controller, worker, digest, weights = start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, False)
+    controller, worker, digest, weights, _ = start_cluster_with_the_image_on_both(clowderd, tmp_path_factory)
     client = lb_client(worker)
     wait_for("the deployment answers through the lb", lambda: answers(client, "chat"), timeout=120)
     assert quarantined_by(worker, digest) == ["view"]
@@ -131,9 +135,19 @@ def test_weights_corrupt_on_the_worker_are_fetched_again_from_storage_before_the
     assert quarantined_by(controller, digest) == []  # the storage node's copy was good
 
 
+def test_a_corrupt_manifest_is_fetched_again_and_then_the_weights_it_hid(clowderd, tmp_path_factory):
+    controller, worker, digest, _, manifest = start_cluster_with_the_image_on_both(clowderd, tmp_path_factory,
+                                                                                  manifest_too=True)
+    client = lb_client(worker)
+    wait_for("the deployment answers through the lb", lambda: answers(client, "chat"), timeout=120)
+    assert quarantined_by(worker, manifest) == ["read"] and quarantined_by(worker, digest) == ["view"]
+    assert {r["digest"] for r in worker.log_records() if r["msg"] == "quarantined blob repaired"} == {manifest, digest}
+
+
 def test_weights_corrupt_on_the_worker_and_on_the_storage_node_fail_the_replica_naming_the_blob(
         clowderd, tmp_path_factory):
-    controller, worker, digest, _ = start_cluster_with_the_image_on_both(clowderd, tmp_path_factory, True)
+    controller, worker, digest, _, _ = start_cluster_with_the_image_on_both(clowderd, tmp_path_factory,
+                                                                            corrupt_on_storage=True)
     admin = Admin(controller)
 
     def failed() -> list[common_pb2.ReplicaStatus]:

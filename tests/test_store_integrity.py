@@ -148,3 +148,11 @@ def test_check_all_names_each_corrupt_blob_once_and_reads_the_others_whole(store
     found = check_all([BlobBytes(store, d, "view") for d in digests], threads=4)
     assert sorted(e.digest for e in found) == sorted(digests[1:3])
     assert store.exists(digests[0]) and store.exists(digests[3])
+
+
+def test_a_small_blob_read_whole_is_checked_against_its_digest(store):
+    digest = store.ingest_bytes(b'{"schemaVersion": 2}').info.digest
+    flip_byte(store.blob_path(digest), 3)
+    with pytest.raises(Quarantined, match="holds content with digest sha256:.*found by read"):
+        store.read_bytes(digest)
+    assert [q.digest for q in store.quarantined()] == [digest]

@@ -278,9 +278,23 @@ class ContentStore:
         return unpack_chunk_index(row[0])
 
     def read_bytes(self, digest: str) -> bytes:
-        """The whole content of a (small) blob: manifests, configurations."""
+        """The whole content of a (small) blob: manifests, configurations. Checked against its digest:
+        content that does not match quarantines the blob and raises Quarantined."""
         with self.open(digest) as f:
-            return f.read()
+            data = f.read()
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            path = self.blob_path(digest) if self.info(digest).has_file else None
+            raise self.quarantine(self.content_mismatch(digest, path, actual), "read")
+        return data
+
+    def content_mismatch(self, digest: str, path: Path | None, actual: str) -> Corruption:
+        """What is wrong with a blob whose bytes hash to `actual`: read from its file at path, or
+        assembled from its chunks (path None: the chunk index no longer describes the content)."""
+        if path is None:
+            return Corruption(digest, str(self.root / "index.db"), 0, None,
+                              f"has a chunk index of content with digest {actual}")
+        return Corruption(digest, str(path), 0, None, f"holds content with digest {actual}")
 
     def open(self, digest: str) -> BinaryIO:
         """A readable, seekable file object over the blob's bytes."""

@@ -102,6 +102,4 @@ def _check_blob(store: ContentStore, info: BlobInfo) -> None:
             raise store.quarantine(Corruption(info.digest, str(copy.path), 0, None,
                                               f"has {size:,} bytes, expected {info.size:,}"), "fsck")
         if h.hexdigest() != expected:
-            where, what = (copy.path, "holds") if copy.path else (store.root / "index.db", "has a chunk index of")
-            raise store.quarantine(Corruption(info.digest, str(where), 0, None,
-                                              f"{what} content with digest sha256:{h.hexdigest()}"), "fsck")
+            raise store.quarantine(store.content_mismatch(info.digest, copy.path, "sha256:" + h.hexdigest()), "fsck")

@@ -260,27 +260,30 @@ class ReplicaManager:
                                                      f"(pid {replica.client.pid}){sharing}")
 
     async def _checked_view(self, replica: Replica, digest: str) -> Path:
-        """The replica's view, every blob in it checked; corrupt blobs are fetched again, once."""
-        view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
-        if not corrupt:
-            return view
-        digests = [e.digest for e in corrupt]
-        named = await asyncio.to_thread(self._name_blobs, digest, digests)
-        blobs, are = (f"blob {named} of {describe_image(replica)}", "is") if len(corrupt) == 1 else \
-            (f"blobs {named} of {describe_image(replica)}", "are")
-        log.warning("fetching corrupt blobs again", extra={"replica": replica.id, "blobs": digests})
-        replica.set_state(S.REPLICA_STATE_PULLING, f"fetching again the corrupt {blobs}")
-        try:
-            await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from, self.dialer)
-        except ClowderError as e:
-            raise StoreError(f"{blobs} {are} corrupt on this node and could not be fetched again: {e}") from None
-        replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
-        view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
-        if corrupt:
-            raise StoreError(f"{blobs} {are} still corrupt on this node after fetching again: "
-                             + "; ".join(map(str, corrupt)))
-        log.info("corrupt blobs fetched again", extra={"replica": replica.id, "blobs": digests})
-        return view
+        """The replica's view, every blob in it checked. Corrupt blobs are fetched again; each at most once
+        (a corrupt manifest hides the rest of the image until it is fetched again: a round may find more)."""
+        fetched: set[str] = set()
+        while True:
+            view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
+            if not corrupt:
+                if fetched:
+                    log.info("corrupt blobs fetched again", extra={"replica": replica.id, "blobs": sorted(fetched)})
+                return view
+            digests = [e.digest for e in corrupt]
+            named = await asyncio.to_thread(self._name_blobs, digest, digests)
+            blobs, are = (f"blob {named} of {describe_image(replica)}", "is") if len(corrupt) == 1 else \
+                (f"blobs {named} of {describe_image(replica)}", "are")
+            if fetched & set(digests):
+                raise StoreError(f"{blobs} {are} still corrupt on this node after fetching again: "
+                                 + "; ".join(map(str, corrupt)))
+            log.warning("fetching corrupt blobs again", extra={"replica": replica.id, "blobs": digests})
+            replica.set_state(S.REPLICA_STATE_PULLING, f"fetching again the corrupt {blobs}")
+            try:
+                await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from, self.dialer)
+            except ClowderError as e:
+                raise StoreError(f"{blobs} {are} corrupt on this node and could not be fetched again: {e}") from None
+            fetched.update(digests)
+            replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
 
     def _view_if_whole(self, name: str, digest: str) -> tuple[Path | None, list[Quarantined]]:
         """(the view, []) when every blob of the image checks out; else (None, an error naming each
@@ -289,7 +292,10 @@ class ReplicaManager:
         quarantined = [record.error() for record in self.store.quarantined() if record.digest in blobs]
         if quarantined:
             return None, quarantined
-        view = self._create_view(name, digest)
+        try:
+            view = self._create_view(name, digest)
+        except Quarantined as exc:  # the manifest or the configuration, read whole to make the view
+            return None, [exc]
         corrupt = self.views.verify(name)
         if corrupt:
             self.views.remove(name)

@@ -9,7 +9,8 @@ A blob's bytes are sent as read against its chunk index (clowderd.store.verify),
 chunk that does not check out ends the response before its bytes, so the client gets fewer bytes than
 Content-Length and a closed connection, never a complete-looking corrupt body; the store quarantines
 the blob and logs it, and from then on the blob is BLOB_UNKNOWN here, saying why, until a push of it
-repairs it.
+repairs it. A manifest is checked against its digest when it is read, and is MANIFEST_UNKNOWN once
+found corrupt.
 """
 from __future__ import annotations
 
@@ -315,7 +316,11 @@ async def get_manifest(request: Request) -> Response:
     name = _repository(request, "read")
     reg = _registry(request)
     digest, media_type = await _find_manifest(reg, name, request.path_params["reference"])
-    body = await asyncio.to_thread(reg.store.read_bytes, digest)
+    try:
+        body = await asyncio.to_thread(reg.store.read_bytes, digest)
+    except Quarantined as exc:
+        raise OCIError("MANIFEST_UNKNOWN", str(exc), detail={"name": name, "digest": digest, "quarantined": True}) \
+            from None
     return Response(body, headers={"Docker-Content-Digest": digest, "Content-Type": media_type or mf.media_type_of(body),
                                    "ETag": f'"{digest}"'})
 
@@ -398,7 +403,10 @@ async def list_referrers(request: Request) -> Response:
     for digest, media_type, artifact_type in await asyncio.to_thread(reg.index.referrers, name, subject):
         if wanted is not None and artifact_type != wanted:
             continue
-        body = await asyncio.to_thread(reg.store.read_bytes, digest)
+        try:
+            body = await asyncio.to_thread(reg.store.read_bytes, digest)
+        except Quarantined:
+            continue  # logged when it was found; it is listed again once a push repairs it
         descriptor = {"mediaType": media_type, "digest": digest, "size": len(body)}
         if artifact_type:
             descriptor["artifactType"] = artifact_type
