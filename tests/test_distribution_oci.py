@@ -25,10 +25,19 @@ def registry(tmp_path_factory):
     reg.stop()
 
 
-def ctl(data_dir, *args, env=None, input=None):
+def ctl(data_dir, *args, env=None, input=None, preexec_fn=None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CONFIG_HOME": str(data_dir / "xdg"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "clowderctl.main", "--data-dir", str(data_dir), *args],
-                          capture_output=True, text=True, env=full_env, input=input, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, env=full_env, input=input, cwd=REPO_ROOT, timeout=120,
+                          preexec_fn=preexec_fn)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """The one line a failed clowderctl command printed: exit status 1, no traceback."""
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
 
 
 def build_tiny(data_dir, model_dir, tag="tiny:v1"):
@@ -120,7 +129,7 @@ def test_a_big_blob_is_pushed_in_chunks_and_pulled_back_whole(registry, tmp_path
 
 
 def test_an_interrupted_download_continues_from_the_partial_file(registry, tmp_path, tiny_llama):
-    from clowderd.distribution.pull import pull
+    from clowderd.distribution.pull import oci_ingest_ref, pull
     from clowderd.distribution.refs import parse_remote
     from clowderd.store.content import ContentStore
 
@@ -133,7 +142,8 @@ def test_an_interrupted_download_continues_from_the_partial_file(registry, tmp_p
     d = ContentStore(dst / "store")
     try:
         half = len(weights) // 2
-        (d.partial_dir / f"{digest.split(':')[1]}.oci.part").write_bytes(weights[:half])
+        with d.writer(oci_ingest_ref(digest)) as ingest:  # as a pull broken off half way left it
+            ingest.write(weights[:half])
         result = pull(d, parse_remote(dest))
         assert result.resumed_bytes == half
         assert d.path(digest).read_bytes() == weights

@@ -16,11 +16,14 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.test_distribution_oci import build_tiny, ctl
+from clowderd.distribution.pull import oci_ingest_ref
+from clowderd.store.content import ContentStore
+from tests.store_fixtures import fill
+from tests.test_distribution_oci import build_tiny, ctl, error_line
 
 REPO = "models/tiny"
 CONFIG = b"{}"
@@ -97,6 +100,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         fake = self.server.fake
         fake.requests.append((self.command, self.path, self.headers.get("Range")))
+        if fake.token_answer is not None:
+            if self.path.startswith("/token"):
+                content_type, content = fake.token_answer
+                return self._send(200, content, {"Content-Type": content_type}, body)
+            if not (self.headers.get("Authorization") or "").startswith("Bearer "):
+                return self._send(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}', {
+                    "Content-Type": "application/json",
+                    "WWW-Authenticate": f'Bearer realm="http://{fake.host}/token",service="fake"'}, body)
         if self.path == "/v2/":
             return self._send(200, b"{}", {"Content-Type": "application/json"}, body)
         if self.path == f"/v2/{REPO}/manifests/v1":
@@ -108,12 +119,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                               {"Content-Type": "application/json"}, body)
         data = BLOBS[m.group(1)]
         start = 0
-        if body and (r := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")):
+        r = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if body and r and fake.serves_ranges:
             start = int(r.group(1))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
+        if fake.serves_ranges:
+            self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data) - start))  # all of it, even when breaking off
         self.end_headers()
@@ -130,6 +144,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 _wait_acknowledged(self.request)
                 self.server.to_reset.add(self.request)
             return
+        if fake.midway is not None and data is LAYER:
+            self.wfile.write(data[start:start + SENT])
+            self.wfile.flush()
+            fake.midway()
+            start += SENT
         self.wfile.write(data[start:])
 
     def _send(self, status: int, content: bytes, headers: dict[str, str], body: bool) -> None:
@@ -172,11 +191,17 @@ class FakeRegistry:
     """A plain-HTTP OCI registry that serves MANIFEST (models/tiny:v1) and BLOBS and takes
     monolithic uploads into `uploaded`. With break_off ("close" or "reset") a GET of LAYER sends
     its headers (the full Content-Length), SENT bytes of the body, and then closes or resets the
-    connection; a PUT of more than SENT bytes reads SENT of them and does the same."""
+    connection; a PUT of more than SENT bytes reads SENT of them and does the same. midway() is
+    called after SENT bytes of a GET of LAYER, before the rest. Without serves_ranges a GET ignores
+    Range and no Accept-Ranges is sent. With token_answer (content type, body) every request wants a
+    Bearer token and the token service, /token, answers that."""
 
     def __init__(self):
         self.break_off: str | None = None
         self.corrupt = False  # serve CORRUPT_LAYER for LAYER (same length, one byte flipped)
+        self.midway: Callable[[], None] | None = None
+        self.serves_ranges = True
+        self.token_answer: tuple[str, bytes] | None = None
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Range
         self.received: list[bytes] = []  # the bodies of broken-off uploads, as far as they came
         self.uploaded: dict[str, bytes] = {}  # blob digest (or manifest path) -> content pushed
@@ -194,6 +219,18 @@ class FakeRegistry:
         self._server.server_close()
 
 
+def kept_bytes(data_dir, digest: str) -> bytes | None:
+    """What an interrupted pull of blob digest left in the store for the next pull, if anything."""
+    store = ContentStore(data_dir / "store")
+    try:
+        if store.ingest_status(oci_ingest_ref(digest)) is None:
+            return None
+        with store.writer(oci_ingest_ref(digest)) as ingest, ingest.reader() as f:
+            return f.read()
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def fake_registry() -> Iterator[FakeRegistry]:
     reg = FakeRegistry()
@@ -206,18 +243,13 @@ def test_a_blob_download_broken_off_mid_body_is_one_error_line_and_the_next_pull
     data_dir = tmp_path / "d"
     ref = f"{fake_registry.host}/{REPO}:v1"
     layer = _digest(LAYER)
-    part = data_dir / "store" / "partial" / f"{layer.split(':')[1]}.oci.part"
 
     fake_registry.break_off = how
-    r = ctl(data_dir, "pull", "-q", ref)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"error: {fake_registry.host}: download of blob {layer} broke off after "
-                               f"{SENT:,} of {len(LAYER):,} bytes"), lines[0]
-    assert f"the {SENT:,} bytes that arrived are kept: run the same pull again to resume" in lines[0]
-    assert part.read_bytes() == LAYER[:SENT]
+    line = error_line(ctl(data_dir, "pull", "-q", ref))
+    assert line.startswith(f"error: {fake_registry.host}: download of blob {layer} broke off after "
+                           f"{SENT:,} of {len(LAYER):,} bytes"), line
+    assert f"the {SENT:,} bytes that arrived are kept: run the same pull again to resume" in line
+    assert kept_bytes(data_dir, layer) == LAYER[:SENT]
     assert fake_registry.blob_gets(layer) == [None]
     images = ctl(data_dir, "images", "-o", "json")
     assert images.returncode == 0 and ref not in [row["name"] for row in json.loads(images.stdout)]  # no name yet
@@ -229,9 +261,7 @@ def test_a_blob_download_broken_off_mid_body_is_one_error_line_and_the_next_pull
     assert fake_registry.blob_gets(layer) == [None, f"bytes={SENT}-"]
     assert result["digest"] == _digest(MANIFEST) and result["name"] == ref
     assert (result["resumed_bytes"], result["fetched_bytes"]) == (SENT, len(LAYER) - SENT)
-    assert not part.exists()
-    from clowderd.store.content import ContentStore
-
+    assert kept_bytes(data_dir, layer) is None
     store = ContentStore(data_dir / "store")
     try:
         assert store.read_bytes(layer) == LAYER
@@ -250,14 +280,10 @@ def test_a_blob_upload_broken_off_mid_body_is_one_error_line_and_the_next_push_c
     dest = f"{fake_registry.host}/pushed/tiny:v1"
 
     fake_registry.break_off = how
-    r = ctl(data_dir, "push", "-q", "tiny:v1", dest)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
+    line = error_line(ctl(data_dir, "push", "-q", "tiny:v1", dest))
     assert re.fullmatch(rf"error: {re.escape(fake_registry.host)}: upload of blob {_digest(weights)} broke off "
                         rf"after [0-9,]+ of {len(weights):,} bytes \(.+\); run the same push again "
-                        r"\(blobs the registry has by then are skipped\)", lines[0]), lines[0]
+                        r"\(blobs the registry has by then are skipped\)", line), line
     assert fake_registry.received == [weights[:SENT]]
     assert _digest(weights) not in fake_registry.uploaded
 
@@ -275,17 +301,12 @@ def test_a_blob_that_arrives_with_other_content_is_refused_and_nothing_of_it_is_
     layer = _digest(LAYER)
 
     fake_registry.corrupt = True
-    r = ctl(data_dir, "pull", "-q", ref)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert lines[0].startswith(f"error: {fake_registry.host}/{REPO}: blob {layer} arrived with other content ("), lines[0]
-    assert f"expected {layer}" in lines[0] and lines[0].endswith("nothing of it was kept")
-    assert not list((data_dir / "store" / "partial").iterdir())
-    from clowderd.store.content import ContentStore
-
+    line = error_line(ctl(data_dir, "pull", "-q", ref))
+    assert line.startswith(f"error: {fake_registry.host}/{REPO}: blob {layer} arrived with other content ("), line
+    assert f"expected {layer}" in line and line.endswith("nothing of it was kept")
     store = ContentStore(data_dir / "store")
     try:
+        assert store.ingest_statuses() == []
         assert not store.exists(layer) and not store.exists(_digest(MANIFEST))
     finally:
         store.close()
@@ -294,3 +315,49 @@ def test_a_blob_that_arrives_with_other_content_is_refused_and_nothing_of_it_is_
     r = ctl(data_dir, "pull", "-o", "json", ref)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed_bytes"] == 0  # started over: the bad bytes were not resumed
+
+
+def test_a_token_service_that_answers_other_than_json_is_one_error_line(fake_registry, tmp_path):
+    fake_registry.token_answer = ("text/html", b"<html><body>\nSign in to continue</body></html>\n")
+    line = error_line(ctl(tmp_path / "d", "pull", "-q", f"{fake_registry.host}/{REPO}:v1"))
+    assert line == (f"error: {fake_registry.host}: token service http://{fake_registry.host}/token answered "
+                        "with text/html, not a JSON token (it begins b'<html><body>\\nSign in to continue</body>"
+                        "</html>\\n')")
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["registry-serves-ranges", "registry-ignores-ranges"])
+def test_a_disk_that_fills_up_mid_blob_is_one_error_line_and_keeps_only_what_a_resume_can_use(
+        fake_registry, small_fs, ranges):
+    fs = small_fs(80 << 20)  # room for the store's 64 MiB reserve and the image, until another writer fills it
+    data_dir = fs / "d"
+    ContentStore(data_dir / "store").close()
+    ref = f"{fake_registry.host}/{REPO}:v1"
+    layer = _digest(LAYER)
+    fake_registry.serves_ranges = ranges
+    fake_registry.midway = lambda: fill(fs, leave=64 << 10)  # the disk fills while the layer arrives
+
+    line = error_line(ctl(data_dir, "pull", "-q", ref))
+    m = re.fullmatch(rf"error: {re.escape(fake_registry.host)}: download of blob {layer} stopped after ([0-9,]+) of "
+                     rf"{len(LAYER):,} bytes: cannot write ingest {layer[7:]}\.oci in the store at "
+                     rf"{re.escape(str(data_dir / 'store'))}: No space left on device; (.*)", line)
+    assert m, line
+    written = int(m.group(1).replace(",", ""))
+    assert 0 < written < len(LAYER)
+    if ranges:
+        assert m.group(2) == f"the {written:,} bytes written are kept for the next pull to resume from"
+        assert kept_bytes(data_dir, layer) == LAYER[:written]
+    else:  # a pull would start over: the bytes would only keep the disk full
+        assert m.group(2) == "nothing of it was kept (the registry does not serve byte ranges: a pull starts over)"
+        assert kept_bytes(data_dir, layer) is None
+
+    fake_registry.midway = None
+    (fs / "filler").unlink()
+    r = ctl(data_dir, "pull", "-o", "json", ref)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_bytes"] == (written if ranges else 0)
+    assert fake_registry.blob_gets(layer)[-1] == (f"bytes={written}-" if ranges else None)
+    store = ContentStore(data_dir / "store")
+    try:
+        assert store.read_bytes(layer) == LAYER and store.ingest_statuses() == []
+    finally:
+        store.close()

@@ -2,10 +2,14 @@
 `clowderd --roles storage` over HTTP."""
 import json
 import os
+import signal
 
 import httpx
 
-from tests.oci_client import (digest_of, error_code, image_manifest, node_url, push_blob, push_image)
+from clowderd.store.content import ContentStore
+from tests.clowderd_proc import ClowderdProcess
+from tests.oci_client import (digest_of, error_code, image_manifest, node_url, push_blob, push_image,
+                              start_storage_node)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -230,8 +234,6 @@ def test_bad_names_and_digests_are_spec_errors(oci):
 
 
 def test_sigterm_stops_the_http_api_cleanly(tmp_path_factory):
-    from tests.oci_client import start_storage_node
-
     proc = start_storage_node(tmp_path_factory)
     url = node_url(proc)
     with httpx.Client(base_url=url) as client:
@@ -258,6 +260,27 @@ def test_a_pushed_safetensors_blob_is_cut_at_tensor_boundaries(oci, oci_node, ti
     finally:
         store.close()
     assert set(tensor_boundaries(read_header(weights))) <= starts
+
+
+def test_an_upload_a_killed_node_left_is_dropped_when_the_node_starts_again(tmp_path_factory):
+    node = start_storage_node(tmp_path_factory)
+    with httpx.Client(base_url=node_url(node), timeout=30) as client:
+        r = client.post("/v2/crash/blobs/uploads/")
+        uuid = r.headers["Docker-Upload-UUID"]
+        r = client.patch(r.headers["Location"], content=os.urandom(4000), headers={"Content-Range": "0-3999"})
+        assert r.status_code == 202
+    node.stop(signal.SIGKILL)
+    store = ContentStore(node.data_dir / "store")
+    try:
+        assert [(s.ref, s.size) for s in store.ingest_statuses()] == [(f"oci-upload-{uuid}", 4000)]
+        again = ClowderdProcess(node.workdir, node.config, ("storage",))
+        try:
+            again.wait_ready()
+            assert store.ingest_statuses() == []
+        finally:
+            again.stop()
+    finally:
+        store.close()
 
 
 def _corrupt_stored_blob(node, digest: str, offset: int) -> int:

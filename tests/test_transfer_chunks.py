@@ -18,6 +18,7 @@ from tests import modelgen
 from tests.clowderd_proc import REPO_ROOT
 
 MID = dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=4096)
+BIG = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=8192)
 
 
 def ctl(data_dir, *args):
@@ -89,34 +90,82 @@ def test_pulling_a_variant_onto_a_node_with_the_base_receives_only_changed_chunk
     assert result["local_bytes"] >= 0.75 * variant_size, result
 
 
+def kill_when(data_dir, ref, streams, rate, ready, timeout=60):
+    """Start `clowderctl pull` of ref, SIGKILL it once ready(marks) holds for the resume marks of
+    its biggest chunk ingest (as checkpointed), and return those marks as the kill left them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "clowderctl.main", "--data-dir", str(data_dir), "pull", "-q",
+                             "--streams", str(streams), "--limit-rate", str(rate), ref],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store = ContentStore(data_dir / "store")
+    try:
+        deadline = time.monotonic() + timeout
+        ref_seen = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            ingests = [s for s in store.ingest_statuses() if s.ref.endswith(".chunks")]
+            biggest = max(ingests, key=lambda s: s.size, default=None)
+            if biggest is not None and biggest.size > 1 << 20 and ready(biggest.marks):
+                ref_seen = biggest.ref
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert ref_seen is not None, f"the pull never got there (exit {proc.returncode}): {proc.stderr.read()}"
+        return store.ingest_status(ref_seen).marks
+    finally:
+        proc.stderr.close()
+        store.close()
+
+
+def marked_bytes(marks, chunks):
+    return sum(n for (_, n, _), m in zip(chunks, marks) if m)
+
+
+def weights_chunks(data_dir, model):
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    store = ContentStore(data_dir / "store")
+    try:
+        return store.chunk_index(digest)
+    finally:
+        store.close()
+
+
 def test_a_pull_killed_half_way_resumes_where_it_stopped(nodes, tmp_path):
     src, dst = nodes
     model = modelgen.write_llama(tmp_path / "m", **MID)
     digest = build_into(src.data_dir, model, "mid:v1")
     size = (model / "model.safetensors").stat().st_size
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "clowderctl.main", "--data-dir", str(dst.data_dir), "pull", "-q",
-                             "--streams", "1", "--limit-rate", str(size // 4), url(src, "mid:v1")],
-                            env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    journal = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        # The weights' journal (one byte per chunk): small blobs' one-chunk journals are done at once.
-        journals = [j for j in (dst.data_dir / "store" / "partial").glob("*.chunks.done") if j.stat().st_size > 40 + 50]
-        if journals and sum(journals[0].read_bytes()[40:]) > 0.3 * (journals[0].stat().st_size - 40):
-            journal = journals[0]
-            break
-        time.sleep(0.05)
-    assert journal is not None, "the pull made no progress"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = journal.read_bytes()[40:]
-    assert 0 < sum(done) < len(done)
+    marks = kill_when(dst.data_dir, url(src, "mid:v1"), 1, size // 4, lambda m: sum(m) > 0.3 * len(m))
+    assert 0 < sum(marks) < len(marks)
     result = pull_json(dst.data_dir, url(src, "mid:v1"))
     assert result["digest"] == digest
-    assert result["resumed_bytes"] > 0.25 * size
+    assert result["resumed_bytes"] == marked_bytes(marks, weights_chunks(src.data_dir, model)) > 0.25 * size
     assert result["fetched_bytes"] + result["resumed_bytes"] <= size * 1.05 + 100_000
-    assert not list((dst.data_dir / "store" / "partial").iterdir())
+    store = ContentStore(dst.data_dir / "store")
+    assert store.ingest_statuses() == []
+    store.close()
+    assert blob_bytes(dst.data_dir)[0] == blob_bytes(src.data_dir)[0]
+
+
+def test_a_pull_over_4_streams_killed_keeps_every_whole_window_past_the_first_gap(nodes, tmp_path):
+    src, dst = nodes
+    model = modelgen.write_llama(tmp_path / "m", **BIG)  # 59 MB: 4 fetch units, 1 MiB windows
+    build_into(src.data_dir, model, "big:v1")
+    size = (model / "model.safetensors").stat().st_size
+    chunks = weights_chunks(src.data_dir, model)
+
+    def past_a_gap(marks):  # marked chunks after an unmarked one: the streams ahead kept theirs
+        gap = marks.find(0)
+        return 0 <= gap < marks.rfind(1) and sum(marks) > 0.2 * len(marks)
+
+    marks = kill_when(dst.data_dir, url(src, "big:v1"), 4, size // 4, past_a_gap)
+    kept = marked_bytes(marks, chunks)
+    assert marked_bytes(marks[: marks.find(0)], chunks) < kept
+    result = pull_json(dst.data_dir, url(src, "big:v1"))
+    assert result["resumed_bytes"] == kept
+    assert result["fetched_bytes"] + result["resumed_bytes"] == size  # nothing kept was fetched again
     assert blob_bytes(dst.data_dir)[0] == blob_bytes(src.data_dir)[0]
 
 
@@ -210,20 +259,20 @@ def test_the_store_takes_an_assembled_file_only_with_its_digest_and_a_chunk_list
         digest = "sha256:" + sha.hex()
 
         def assembled(content=data):
-            path = store.partial_dir / "x.part"
-            path.write_bytes(content)
-            return path
+            ingest = store.writer("x", size=len(content))
+            ingest.write_at(0, content)
+            return ingest
 
         with pytest.raises(DigestMismatch):  # the caller's hash is not the digest's
-            store.ingest_assembled_file(assembled(), digest, chunks, hashlib.sha256(b"other").digest())
+            assembled().commit_assembled(digest, chunks, hashlib.sha256(b"other").digest())
         with pytest.raises(InvalidInput):  # the chunks do not tile the file
-            store.ingest_assembled_file(assembled(), digest, chunks[:-1], sha)
+            assembled().commit_assembled(digest, chunks[:-1], sha)
         with pytest.raises(DigestMismatch):  # a sampled chunk does not match its id
-            store.ingest_assembled_file(assembled(b"\0" * len(data)), digest, chunks, sha)
-        assert not store.exists(digest) and not list(store.partial_dir.iterdir())
-        result = store.ingest_assembled_file(assembled(), digest, chunks, sha)
+            assembled(b"\0" * len(data)).commit_assembled(digest, chunks, sha)
+        assert not store.exists(digest) and store.ingest_statuses() == []
+        result = assembled().commit_assembled(digest, chunks, sha)
         assert result.new and store.read_bytes(digest) == data and store.chunk_index(digest) == chunks
-        assert not list(store.partial_dir.iterdir())
+        assert store.ingest_statuses() == []
     finally:
         store.close()
 
@@ -242,11 +291,10 @@ def test_a_packed_batch_lands_at_every_offset_of_each_chunk_and_skips_corrupt_on
     for piece in layout:
         chunks.append((off, len(piece), native.blake3(piece)))
         off += len(piece)
-    path = tmp_path / "part"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT)
     os.ftruncate(fd, off)
     done = bytearray(len(chunks))
-    sink = WindowAssembly(fd, path, off, chunks, done)
+    sink = WindowAssembly(fd, off, chunks, done)
     asm = _BlobAssembly(done, chunks, sink, Progress(), "k", _RateLimit(None))
     ids = [native.blake3(p) for p in (a, b, c)]
     bad = asm.put_batch(b"".join(ids), [len(a), len(b), len(c)], a + b[:-1] + b"x" + c)

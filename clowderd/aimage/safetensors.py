@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from clowderd.errors import InvalidInput
 
@@ -60,25 +61,39 @@ def read_header(path: Path) -> SafetensorsHeader:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InvalidInput(f"{path}: not a safetensors file: {file_size} bytes, shorter than the "
-                                   "8-byte header length")
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > MAX_HEADER_SIZE:
-                raise InvalidInput(f"{path}: header length {header_size} is over the limit of {MAX_HEADER_SIZE}")
-            if header_size > file_size - 8:
-                raise InvalidInput(f"{path}: header length {header_size} is larger than the file "
-                                   f"({file_size} bytes)")
-            raw = f.read(header_size)
+            return read_open_header(f, path)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def read_open_header(f: BinaryIO, path: Path | str) -> SafetensorsHeader:
+    """read_header of a file open for reading at its start (path names it in errors)."""
+    file_size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise InvalidInput(f"{path}: not a safetensors file: {file_size} bytes, shorter than the "
+                           "8-byte header length")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_SIZE:
+        raise InvalidInput(f"{path}: header length {header_size} is over the limit of {MAX_HEADER_SIZE}")
+    if header_size > file_size - 8:
+        raise InvalidInput(f"{path}: header length {header_size} is larger than the file "
+                           f"({file_size} bytes)")
+    raw = f.read(header_size)
     metadata, entries = _parse_json(path, raw)
     data_start = 8 + header_size
     tensors = [_tensor(path, name, entry, data_start) for name, entry in entries]
     _check_layout(path, tensors, data_start, file_size)
-    return SafetensorsHeader(path, file_size, header_size, metadata, tensors)
+    return SafetensorsHeader(Path(path), file_size, header_size, metadata, tensors)
+
+
+def content_cuts(f: BinaryIO) -> list[int]:
+    """The tensor boundaries of a file open at its start if it is a safetensors file, else none:
+    for content that arrives without a name that says what it is (a pushed or pulled blob)."""
+    try:
+        return tensor_boundaries(read_open_header(f, "blob"))
+    except (InvalidInput, OSError):
+        return []
 
 
 def tensor_boundaries(header: SafetensorsHeader) -> list[int]:

@@ -23,6 +23,7 @@ from clowderd.controller.tokens import ClusterTokens
 from clowderd.errors import InvalidInput
 from clowderd.server import ROLE_ENUM, unimplemented_servicer
 from clowderd.trust import certs
+from clowderd.trust.authz import RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,13 @@ class AdminServicer(_Unimplemented):
         self.deployments = deployments
         self.certifier = certifier  # None with insecure = true
         self.own_name = own_name  # the node of the controller's process
+        self.refusals = RefusalLog("controller")
 
     async def authorize(self, context: grpc.aio.ServicerContext) -> None:
         token = tokens.bearer(context.invocation_metadata())
         if not self.cluster_tokens.is_admin(token):
             what = "the admin token is wrong" if token else "no admin token was given"
-            log.warning("call refused", extra={"listener": "controller", "code": "UNAUTHENTICATED",
-                                               "peer": context.peer(), "reason": what})
+            self.refusals.log(grpc.StatusCode.UNAUTHENTICATED, context.peer(), "the admin API", what, None)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"{what}: send it as `authorization: Bearer TOKEN` (clowderctl --token or "
                                 "$CLOWDER_TOKEN); it is in DATA_DIR/controller/admin-token on the controller")

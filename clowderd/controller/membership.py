@@ -25,7 +25,7 @@ from clowderd.controller.tokens import ClusterTokens
 from clowderd.errors import InvalidInput
 from clowderd.server import unimplemented_servicer
 from clowderd.trust import certs
-from clowderd.trust.authz import Revocations, caller
+from clowderd.trust.authz import RefusalLog, Revocations, caller
 from clowderd.version import __version__
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class EnrollmentServicer(controller_pb2_grpc.EnrollmentServicer):
         self.cluster_address = cluster_address
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_grace = heartbeat_grace
+        self.refusals = RefusalLog("controller")
 
     async def Join(self, request: controller_pb2.JoinRequest,
                    context: grpc.aio.ServicerContext) -> controller_pb2.JoinResponse:
@@ -111,7 +112,8 @@ class EnrollmentServicer(controller_pb2_grpc.EnrollmentServicer):
     async def _refuse(self, info: common_pb2.NodeInfo, context: grpc.aio.ServicerContext, now: float,
                       why: str) -> None:
         message = f"node {info.name} ({peer_host(context.peer()) or context.peer()}) was refused: {why}"
-        log.warning("join refused", extra={"node": info.name, "peer": context.peer(), "reason": why})
+        self.refusals.log(grpc.StatusCode.UNAUTHENTICATED, context.peer(), "/clowder.v1.Enrollment/Join",
+                          f"node {info.name}: {why}", None)
         await self.cluster.call(self.state.add_event, WARNING, "JoinRefused", "Node", info.name, message, now,
                                 info.name)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED,

@@ -1,25 +1,31 @@
-"""A pulled blob assembled in order: aligned windows in memory, each hashed and then written whole.
+"""A pulled blob assembled from pieces in any order: aligned windows in memory, each written whole as
+soon as it is complete, and hashed in blob order.
 
 Chunks arrive out of order from several streams. Each piece is copied into the buffer of the window
 it falls in (8 MiB, smaller for a blob under 256 MiB, so that a resumed pull still finds some of it
-done; page-aligned, from a small pool). When every byte of the next window in blob
-order is there, one thread adds it to the blob's sha256 and another writes it with a single
-O_DIRECT pwrite: the bytes go from that buffer to the device, with no page cache to fill and no
-dirty pages for fsync or the kernel's dirty-page throttling to wait on. On a VM where buffered
-writes to a fresh file crawl once a few GB are dirty, that is what lets a pull run at the network's
-speed. A chunk is marked done (for the resume journal) once the window holding its last byte is
-written; windows are written in order, so all of its bytes are.
+done; page-aligned, from a small pool). The moment every byte of a window is there, whichever
+window it is, one thread writes it with a single O_DIRECT pwrite: the bytes go from that buffer to
+the device, with no page cache to fill and no dirty pages for fsync or the kernel's dirty-page
+throttling to wait on. On a VM where buffered writes to a fresh file crawl once a few GB are
+dirty, that is what lets a pull run at the network's speed. Another thread adds the windows to the
+blob's sha256 in blob order, each once it is written, from its buffer while it is still there.
+
+A chunk is marked done (for the resume journal) once every window it touches is written. Windows
+are written as they complete, not in blob order, so a pull killed while one stream lags keeps
+every whole window the others brought, not only those before the first gap.
 
 Memory is bounded: a piece for a window more than AHEAD windows past the one being hashed (a slow
 stream, a chunk repeated far away, chunks from the local store) is written through the page cache
 at once and read back when its window's turn comes, as are the chunks of an interrupted pull that
-are already in the file. Such a window is written through the page cache as well (not at all when
-all of it was there): a direct write would first have the kernel write back its dirty pages. Where
-the filesystem refuses O_DIRECT, or the device refuses a write for its alignment, the windows are
-written with plain pwrite, and the result is the same.
+are already in the file. A window with some bytes in the file already is read back whole and
+written through the page cache as well (not at all when all of it was there): a direct write would
+first have the kernel write back its dirty pages. Where the filesystem refuses O_DIRECT, or the
+device refuses a write for its alignment, the windows are written with plain pwrite, and the
+result is the same.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import mmap
@@ -45,16 +51,6 @@ def window_size(size: int) -> int:
     return w
 
 
-def open_direct(path) -> int:
-    """A write descriptor of path that bypasses the page cache, or -1 where that is refused."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return -1
-        raise
-
-
 def write_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -62,39 +58,47 @@ def write_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def read_into(fd: int, buf: memoryview, offset: int, path) -> None:
+def read_into(fd: int, buf: memoryview, offset: int, label: str) -> None:
     while buf:
         n = os.preadv(fd, [buf], offset)
         if n <= 0:
-            raise TransferError(f"{path} ended at {offset} while reading it back")
+            raise TransferError(f"{label} ended at {offset} while reading it back")
         buf, offset = buf[n:], offset + n
 
 
 class WindowAssembly:
-    """The blob at `path` (already its full size, open read-write as fd) assembled from `chunks`
-    (offset, length, id), which tile it; chunks already marked in `done` are in the file. put()
-    may be called from any thread; finish() returns the sha256 once every byte is written."""
+    """The blob in the file open read-write as fd (already its full size) assembled from `chunks`
+    (offset, length, id), which tile it; chunks already marked in `done` are in the file.
+    direct_fd: a descriptor of the same file opened with O_DIRECT, or -1. label names the blob in
+    errors. put() may be called from any thread; finish() returns the sha256 once every byte is
+    written. `marked` counts the chunks marked done so far (a caller checkpoints when it grows)."""
 
-    def __init__(self, fd: int, path, size: int, chunks: Sequence[tuple[int, int, bytes]], done: bytearray):
-        self.fd, self.path, self.size = fd, path, size
+    def __init__(self, fd: int, size: int, chunks: Sequence[tuple[int, int, bytes]], done: bytearray, *,
+                 direct_fd: int = -1, label: str = "the blob"):
+        self.fd, self.direct_fd, self.size, self.label = fd, direct_fd, size, label
         self.chunks, self.done = chunks, done
+        self.starts = [off for off, _, _ in chunks]
+        self.marked = sum(done)
         self.window = window_size(size)
         self.nwin = (size + self.window - 1) // self.window
         self.need = [min(self.window, size - w * self.window) for w in range(self.nwin)]  # bytes not yet there
         self.on_disk: list[list[tuple[int, int]]] = [[] for _ in range(self.nwin)]
+        self.written = bytearray(self.nwin)  # every byte of the window is in the file
         self.bufs: dict[int, mmap.mmap] = {}
         self.pool: list[mmap.mmap] = []
         self.cond = threading.Condition()
         self.next_window = 0  # the window the hashing thread waits for (or hashes)
-        self.next_mark = 0  # chunks before it are marked done
         for i, (off, length, _) in enumerate(chunks):
             if done[i]:
-                self._landed_on_disk(off, length)
+                for w, off_w, n in self._pieces(off, off + length):
+                    self.on_disk[w].append((off_w, n))
+                    self.need[w] -= n
+        for w in range(self.nwin):
+            self.written[w] = not self.need[w]
         self.sha = hashlib.sha256()
         self.stopped = False
         self.error: BaseException | None = None
-        self.direct_fd = open_direct(path)
-        self.written: queue.Queue = queue.Queue(maxsize=4)
+        self.complete: queue.Queue = queue.Queue()  # windows complete in memory, to be written
         self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
                         for fn, name in ((self._hash_windows, "assembly-sha256"), (self._write_windows, "assembly-write"))]
         for t in self.threads:
@@ -106,12 +110,14 @@ class WindowAssembly:
         view = memoryview(data).cast("B")
         start, end = offset, offset + len(view)
         if offset < 0 or end > self.size:
-            raise TransferError(f"{self.path}: bytes [{offset}, {end}) fall outside the blob's {self.size}")
+            raise TransferError(f"{self.label}: bytes [{offset}, {end}) fall outside the blob's {self.size}")
         for w, off, n in self._pieces(start, end):
             piece = view[off - start : off - start + n]
             with self.cond:
+                if self.stopped:  # a failed pull: nothing more goes into the file
+                    raise self.error or TransferError(f"{self.label}: the assembly was stopped")
                 if w < self.next_window or n > self.need[w]:
-                    raise TransferError(f"{self.path}: bytes at offset {off} arrived twice")
+                    raise TransferError(f"{self.label}: bytes at offset {off} arrived twice")
                 buf = None
                 if w < self.next_window + AHEAD:
                     buf = self.bufs.get(w)
@@ -127,12 +133,10 @@ class WindowAssembly:
                     self.on_disk[w].append((off, n))
                 self.need[w] -= n
                 if not self.need[w]:
-                    self.cond.notify_all()
-
-    def _landed_on_disk(self, offset: int, length: int) -> None:
-        for w, off, n in self._pieces(offset, offset + length):
-            self.on_disk[w].append((off, n))
-            self.need[w] -= n
+                    if w in self.bufs:
+                        self.complete.put(w)
+                    else:  # every piece of it went to the file already
+                        self._window_written(w)
 
     def _pieces(self, offset: int, end: int):
         """(window, offset, length) of each piece of [offset, end) that lies in one window."""
@@ -146,6 +150,26 @@ class WindowAssembly:
         # Anonymous maps are page-aligned, as O_DIRECT wants; reused, so each is faulted in once.
         return self.pool.pop() if self.pool else mmap.mmap(-1, self.window)
 
+    def _window_written(self, w: int) -> None:
+        """Under cond: window w is all in the file; mark the chunks whose windows all are."""
+        self.written[w] = 1
+        lo, hi = w * self.window, (w + 1) * self.window
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        chunks, done, written, window = self.chunks, self.done, self.written, self.window
+        while i < len(chunks) and chunks[i][0] < hi:
+            off, length, _ = chunks[i]
+            if not done[i] and all(written[v] for v in range(off // window, (off + length - 1) // window + 1)):
+                done[i] = 1
+                self.marked += 1
+            i += 1
+        self.cond.notify_all()
+
+    def wait_marked(self, seen: int, timeout: float) -> int:
+        """`marked` once it differs from seen, or after timeout."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.marked != seen, timeout)
+            return self.marked
+
     # -- the two threads ----------------------------------------------------------------------
     def _guard(self, fn) -> None:
         try:
@@ -157,54 +181,40 @@ class WindowAssembly:
                 self.stopped = True
                 self.cond.notify_all()
 
-    def _hash_windows(self) -> None:
-        try:
-            self._hash_each_window()
-        finally:
-            self.written.put(None)  # the writer's end
+    def _write_windows(self) -> None:
+        """Write each window as it completes, until finish() or stop() says there are no more."""
+        while (w := self.complete.get()) is not None:
+            with self.cond:
+                if self.stopped and self.error is not None:
+                    return
+                buf, ranges = self.bufs[w], self.on_disk[w]
+            base, length = w * self.window, min(self.window, self.size - w * self.window)
+            view = memoryview(buf)
+            try:
+                for off, n in ranges:  # make the buffer whole, so that it is hashed from memory
+                    read_into(self.fd, view[off - base : off - base + n], off, self.label)
+            finally:
+                view.release()
+            self._write(buf, base, length, direct=not ranges)
+            with self.cond:
+                self._window_written(w)
 
-    def _hash_each_window(self) -> None:
+    def _hash_windows(self) -> None:
         for w in range(self.nwin):
             with self.cond:
-                while self.need[w] and not self.stopped:
+                while not self.written[w] and not self.stopped:
                     self.cond.wait()
-                if self.need[w]:  # stopped: the windows that were complete are still written
+                if not self.written[w]:  # stopped: the windows that were complete are still written
                     return
                 staged = self.bufs.pop(w, None)
                 buf = staged or self._buffer()
-                ranges, self.on_disk[w] = self.on_disk[w], []
                 self.next_window = w + 1
             base, length = w * self.window, min(self.window, self.size - w * self.window)
             view = memoryview(buf)
-            for off, n in ranges:
-                read_into(self.fd, view[off - base : off - base + n], off, self.path)
+            if staged is None:  # every byte of it went to the file: read it back
+                read_into(self.fd, view[:length], base, self.label)
             self.sha.update(view[:length])
             view.release()
-            # How the window is written: all of it from memory, by direct I/O; with some of it in the
-            # file already, through the page cache (a direct write would first have the kernel write
-            # back those dirty pages: every such byte twice to disk); all of it in the file: not at all.
-            how = "none" if staged is None else "cached" if ranges else "direct"
-            self.written.put((w, buf, length, how))
-
-    def _write_windows(self) -> None:
-        try:
-            self._write_each_window()
-        except BaseException:
-            while self.written.get() is not None:  # keep taking windows: the hashing thread never blocks
-                pass
-            raise
-
-    def _write_each_window(self) -> None:
-        while (item := self.written.get()) is not None:
-            w, buf, length, how = item
-            base = w * self.window
-            if how != "none":
-                self._write(buf, base, length, direct=how == "direct")
-            end = base + length
-            chunks, done = self.chunks, self.done
-            while self.next_mark < len(chunks) and chunks[self.next_mark][0] + chunks[self.next_mark][1] <= end:
-                done[self.next_mark] = 1
-                self.next_mark += 1
             with self.cond:
                 self.pool.append(buf)
 
@@ -220,7 +230,6 @@ class WindowAssembly:
                     if exc.errno != errno.EINVAL:
                         raise
                     # A device that wants coarser alignment than ALIGN: the page cache from here on.
-                    os.close(self.direct_fd)
                     self.direct_fd = -1
                     write_all(self.fd, view[:whole], base)
             if whole < length:
@@ -230,30 +239,27 @@ class WindowAssembly:
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self) -> bytes:
-        """The sha256 of the blob, once every window is hashed and written."""
-        for t in self.threads:
-            t.join()
-        self._close()
+        """The sha256 of the blob, once every window is written and hashed."""
+        self.threads[0].join()  # the hashing thread ends after the last window (or on a failure)
+        self._end()
         if self.error is not None:
             raise self.error
         if self.next_window != self.nwin:
-            raise TransferError(f"{self.path}: assembled {self.next_window} of {self.nwin} windows")
+            raise TransferError(f"{self.label}: assembled {self.next_window} of {self.nwin} windows")
         return self.sha.digest()
 
     def stop(self) -> None:
-        """Abandon the assembly (a failed pull): the windows already complete are written, then
-        the threads end."""
+        """Abandon the assembly (a failed pull): the windows already complete are written (and
+        their chunks marked), then the threads end."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        for t in self.threads:
-            t.join()
-        self._close()
+        self.threads[0].join()
+        self._end()
 
-    def _close(self) -> None:
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd = -1
+    def _end(self) -> None:
+        self.complete.put(None)  # after every window already queued: the writer writes them first
+        self.threads[1].join()
         for buf in [*self.pool, *self.bufs.values()]:
             buf.close()
         self.pool.clear()

@@ -28,7 +28,8 @@ import httpx
 from clowderd.aimage import mediatypes as mt
 from clowderd.distribution.errors import AuthError, TransferError
 from clowderd.distribution.refs import is_loopback
-from clowderd.errors import DigestMismatch, NotFound
+from clowderd.errors import DigestMismatch, NotFound, StoreError
+from clowderd.store.writer import BlobWriter
 
 MANIFEST_ACCEPT = ", ".join([
     mt.OCI_MANIFEST,
@@ -212,9 +213,14 @@ class OciClient:
             if t.status_code != 200:
                 raise AuthError(f"{self.registry}: token service {realm} refused ({t.status_code}); "
                                 f"check the credentials with 'clowderctl login {self.registry}'")
-            body = t.json()
-            token = body.get("token") or body.get("access_token")
-            if not token:
+            try:
+                body = t.json()
+            except ValueError:
+                kind = t.headers.get("content-type", "no content type")
+                raise AuthError(f"{self.registry}: token service {realm} answered with {kind}, not a JSON token "
+                                f"(it begins {t.content[:60]!r})") from None
+            token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+            if not token or not isinstance(token, str):
                 raise AuthError(f"{self.registry}: token service {realm} returned no token")
             self._auth[scope] = f"Bearer {token}"
         else:
@@ -288,22 +294,51 @@ class OciClient:
                       content=_file_body(f, offset, size - offset, sending),
                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size - offset)})
 
-    def download_blob(self, repo: str, digest: str, dest: Path, advance: Callable[[int], None]) -> None:
-        """Download blob digest into dest, continuing what an earlier try left there. The digest is
-        the caller's to check: the store checks it as it takes the file in, in the same pass that
-        cuts its chunks, so hashing here too would read every byte twice. A transport failure,
-        before or in the middle of the body, is a TransferError, and dest keeps every byte that
-        arrived, so the next call resumes from there."""
-        have = dest.stat().st_size if dest.exists() else 0
+    def download_blob(self, repo: str, digest: str, sink: BlobWriter, size: int | None,
+                      advance: Callable[[int], None]) -> None:
+        """Download blob digest (of size bytes, where the manifest says) into sink, a store ingest
+        written in order, continuing what an earlier try left there. The digest is the caller's
+        to check: the store checks it as it takes the file in, in the same pass that cuts its
+        chunks, so hashing here too would read every byte twice.
+
+        A transport failure, before or in the middle of the body, is a TransferError, and sink
+        keeps every byte that arrived, so the next call resumes from there. A failure to write
+        them (a full disk) is a StoreError naming the registry, the blob and the store; sink then
+        keeps its bytes only where a later pull can resume from them (the registry serves byte
+        ranges), and is emptied otherwise, so as not to leave the disk full for nothing. A body
+        longer than size is refused and emptied as well: the store's free-space check counted
+        size bytes."""
+        have = sink.offset
+        if size is not None and have > size:
+            sink.truncate(0)
+            have = 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         url = f"{self.base}/v2/{repo}/blobs/{digest}"
         scope = self._scope(repo)
-        total: int | None = None
+        total: int | None = size
+        resumable = False  # whether the registry serves the byte ranges a resume asks for
 
         def broken(exc: httpx.HTTPError) -> TransferError:
             again = (f"the {have:,} bytes that arrived are kept: run the same pull again to resume" if have
                      else "run the same pull again to retry")
             return self._broken_transfer(exc, "download", digest, have, total, again)
+
+        def store(data) -> None:
+            nonlocal have
+            try:
+                sink.write_at(have, data)
+            except StoreError as exc:
+                written = sink.offset
+                if written and resumable:
+                    then = f"the {written:,} bytes written are kept for the next pull to resume from"
+                else:
+                    sink.truncate(0)
+                    then = "nothing of it was kept" + ("" if resumable else
+                                                       " (the registry does not serve byte ranges: a pull starts over)")
+                of = f" of {total:,}" if total is not None else ""
+                raise StoreError(f"{self.registry}: download of blob {digest} stopped after {written:,}{of} bytes: "
+                                 f"{exc}; {then}") from None
+            have += len(data)
 
         self._request("HEAD", url, scope, broken=broken)  # authenticate before the streamed GET
         if scope in self._auth:
@@ -311,26 +346,35 @@ class OciClient:
         try:
             with self.http.stream("GET", url, headers=headers) as r:
                 if r.status_code == 416 and have:  # already complete
-                    pass
-                elif r.status_code not in (200, 206):
+                    return
+                if r.status_code not in (200, 206):
                     r.read()
                     raise self._error("GET", url, r)
-                else:
-                    if r.status_code == 200 and have:  # the server ignored the range: start over
-                        have = 0
-                    total = _content_total(r)
-                    # Blocks as they come off the socket (iter_raw with a chunk size would hold back
-                    # up to that much on a failure), gathered into IO_BLOCK writes by the file's buffer.
-                    with open(dest, "r+b" if have else "wb", buffering=IO_BLOCK) as f:
-                        f.seek(have)
-                        f.truncate()
-                        for block in r.iter_raw():
-                            f.write(block)
-                            have += len(block)
-                            advance(len(block))
+                if r.status_code == 200 and have:  # the server ignored the range: start over
+                    sink.truncate(0)
+                    have = 0
+                total = _content_total(r) or size
+                resumable = r.status_code == 206 or r.headers.get("accept-ranges", "").lower() == "bytes"
+                # Blocks as they come off the socket (iter_raw with a chunk size would hold back up to
+                # that much on a failure), gathered into IO_BLOCK writes.
+                pending = bytearray()
+                try:
+                    for block in r.iter_raw():
+                        if size is not None and have + len(pending) + len(block) > size:
+                            sink.truncate(0)
+                            raise TransferError(f"{self.registry}: blob {digest} is longer than the {size:,} bytes "
+                                                "its manifest gives it; nothing of it was kept")
+                        pending += block
+                        advance(len(block))
+                        if len(pending) >= IO_BLOCK:
+                            store(pending)
+                            pending.clear()
+                except httpx.HTTPError:
+                    store(pending)  # every byte that arrived is kept
+                    raise
+                store(pending)
         except httpx.HTTPError as exc:
             raise broken(exc) from None
-
 
 def _content_total(r: httpx.Response) -> int | None:
     """The whole blob's size by a 200's Content-Length or a 206's Content-Range, if given."""

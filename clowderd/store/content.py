@@ -29,6 +29,7 @@ import logging
 import mmap
 import os
 import secrets
+import shutil
 import sqlite3
 import struct
 import threading
@@ -40,6 +41,8 @@ from typing import BinaryIO, Iterator, Sequence
 from clowderd import _native as native
 from clowderd.errors import DigestMismatch, InvalidInput, NotFound, Quarantined, StoreError
 from clowderd.store import db
+from clowderd.store import writer as ingests
+from clowderd.store.writer import BlobWriter, IngestStatus
 
 log = logging.getLogger("clowderd.store")
 
@@ -183,6 +186,7 @@ class ContentStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self.db.execute("SELECT 1")  # open (and create) the index now, so a bad store fails here
+        self.remove_stale_temp_files()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -220,6 +224,35 @@ class ContentStore:
     def exclusive_lock(self):
         """Held by gc: no writer may pin content while unreferenced content is removed."""
         return self._flock(fcntl.LOCK_EX)
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Remove what killed writers left under tmp_dir (a build's scratch directory, an ingest's
+        copy); returns the names removed. Called whenever a store is opened.
+
+        The rule: everything under tmp_dir is made and removed by a holder of the shared lock
+        (ingests, builds, materializations) or of the exclusive one (gc), for as long as it
+        exists. So whoever gets the exclusive lock sees only files whose writer is gone. The
+        lock is only tried, never waited for: while any writer is at work (a clowderd beside
+        this clowderctl, say), nothing is removed, and the next opening of the store sweeps."""
+        fd = os.open(self._lock_path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []
+            removed = []
+            for entry in self.tmp_dir.iterdir():
+                try:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                except OSError:  # gone already, or not ours to remove (another user's): gc will say
+                    continue
+                removed.append(entry.name)
+            return removed
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -385,9 +418,22 @@ class ContentStore:
             raise InvalidInput(f"{path}: only files under {self.tmp_dir} or {self.partial_dir} can be moved into the store")
         return path
 
-    def temp_file(self, suffix: str) -> Path:
-        """A fresh path under tmp_dir for a file to be handed to ingest_temp_file."""
-        return self._temp_path(suffix)
+    def writer(self, ref: str, *, size: int | None = None, marks: int = 0, marks_key: bytes = b"") -> BlobWriter:
+        """Open the ingest `ref`, resuming what an earlier writer of that ref left (see writer.py):
+        write at offsets, then commit with the expected digest, or abort."""
+        return BlobWriter(self, ingests.check_ref(ref), size, marks, marks_key)
+
+    def ingest_status(self, ref: str) -> IngestStatus | None:
+        """What the ingest `ref` holds on disk, or None when there is none."""
+        return ingests.status(self, ref)
+
+    def ingest_statuses(self) -> list[IngestStatus]:
+        """Every ingest on disk, open or left for a resume."""
+        return ingests.statuses(self)
+
+    def abort_ingest(self, ref: str) -> None:
+        """Remove the ingest `ref`; StoreError when another writer holds it open."""
+        self.writer(ref).abort()
 
     def _ingest_file(self, src: Path, cuts: Sequence[int], expected_digest: str | None, move: bool) -> IngestResult:
         try:

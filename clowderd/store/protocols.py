@@ -5,7 +5,8 @@ store's own business, and change with it.
 
 - Provider: read what is stored (blobs, their chunk indexes, chunks by id), and report bytes that
   turn out corrupt when read.
-- Ingester: add content, checked against its digest before it becomes visible.
+- Ingester: add content, checked against its digest before it becomes visible, whole or through a
+  resumable ingest (clowderd.store.writer).
 - Manager: list what is stored and account for it.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import BinaryIO, Protocol, Sequence
 
 from clowderd.errors import Quarantined
 from clowderd.store.content import BlobInfo, Chunk, Corruption, IngestResult, QuarantineRecord, Usage
+from clowderd.store.writer import BlobWriter, IngestStatus
 
 
 class Provider(Protocol):
@@ -44,9 +46,6 @@ class Provider(Protocol):
 
 
 class Ingester(Protocol):
-    tmp_dir: Path
-    partial_dir: Path
-
     def ingest_file(self, src: Path, cuts: Sequence[int] = (), expected_digest: str | None = None) -> IngestResult: ...
 
     def ingest_temp_file(self, path: Path, cuts: Sequence[int] = (),
@@ -57,7 +56,13 @@ class Ingester(Protocol):
 
     def ingest_bytes(self, data: bytes, expected_digest: str | None = None) -> IngestResult: ...
 
-    def temp_file(self, suffix: str) -> Path: ...
+    def writer(self, ref: str, *, size: int | None = None, marks: int = 0, marks_key: bytes = b"") -> BlobWriter: ...
+
+    def ingest_status(self, ref: str) -> IngestStatus | None: ...
+
+    def ingest_statuses(self) -> list[IngestStatus]: ...
+
+    def abort_ingest(self, ref: str) -> None: ...
 
     def check_free_space(self, size: int, what: str) -> None: ...
 

@@ -52,8 +52,8 @@ class Revocations:
         return serial in self.serials
 
 
-class _Refusals:
-    """Logs refusals, a bounded number per window."""
+class RefusalLog:
+    """Logs refusals, a bounded number per window (the count of the others at the window's end)."""
 
     def __init__(self, listener: str):
         self.listener = listener
@@ -87,7 +87,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
         self.revocations = revocations
         self._open: dict[str, frozenset[str]] = {}
         self._holders: dict[bytes, certs.Holder | None] = {}
-        self._refusals = _Refusals(listener)
+        self._refusals = RefusalLog(listener)
 
     def allow(self, service: str, methods: Mapping[str, Iterable[str]]) -> None:
         """Open each method of service ("clowder.v1.Worker") to the roles named for it."""

@@ -1,25 +1,26 @@
-"""Blob upload sessions: bytes arrive in order into a file under the store's partial/ directory,
-and only a completed upload whose digest checks out is moved into the store.
+"""Blob upload sessions: bytes arrive in order into a store ingest, and only a completed upload
+whose digest checks out is moved into the store.
 
-A session lives in memory; its file is ``partial/oci-upload-<id>``. Sessions idle for longer than
-``expiry_seconds`` are dropped with their file; at shutdown (and at start, for files a crashed
-process left) every session file goes. The store itself never holds a partial blob: the digest is
-checked while the file is moved in (ContentStore.ingest_temp_file), which consumes the file either way.
+A session lives in memory; its bytes are the store ingest ``oci-upload-<id>``, opened for each
+request that writes to it. Sessions idle for longer than ``expiry_seconds`` are dropped with their
+ingest; at shutdown (and at start, for ingests a crashed process left) every session's ingest goes.
+The store itself never holds a partial blob: the digest is checked while the ingest is committed,
+which ends it either way.
 """
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable
 
-from clowderd.aimage.safetensors import read_header, tensor_boundaries
-from clowderd.errors import DigestMismatch, InvalidInput, StoreError
+from clowderd.aimage.safetensors import content_cuts
+from clowderd.errors import DigestMismatch, StoreError
 from clowderd.store.content import IngestResult
 from clowderd.store.protocols import Ingester
+from clowderd.store.writer import BlobWriter
 from clowderd.storage.oci.errors import OCIError
 
 DEFAULT_EXPIRY_SECONDS = 3600.0
@@ -31,19 +32,23 @@ FILE_PREFIX = "oci-upload-"
 class UploadSession:
     id: str
     repository: str
-    path: Path
     size: int = 0
     touched: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def safetensors_cuts(path: Path) -> Sequence[int]:
-    """Tensor boundaries of a completed upload that is a safetensors file, else none: blobs
+    @property
+    def ref(self) -> str:
+        """The store ingest that holds its bytes."""
+        return f"{FILE_PREFIX}{self.id}"
+
+
+def _commit(ingest: BlobWriter, digest: str) -> IngestResult:
+    """Move a completed upload in, cut at its tensor boundaries if it is a safetensors file: blobs
     arrive before the manifest that says what they are, so the content is asked instead."""
-    try:
-        return tensor_boundaries(read_header(path))
-    except InvalidInput:
-        return ()
+    with ingest.reader() as f:
+        cuts = content_cuts(f)
+    return ingest.commit(digest, cuts)
 
 
 class UploadSessions:
@@ -53,8 +58,9 @@ class UploadSessions:
         self.expiry_seconds = expiry_seconds
         self.clock = clock
         self._sessions: dict[str, UploadSession] = {}
-        for stale in store.partial_dir.glob(FILE_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        for stale in store.ingest_statuses():
+            if stale.ref.startswith(FILE_PREFIX):
+                self._abort(stale.ref)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -65,11 +71,8 @@ class UploadSessions:
         if len(self._sessions) >= MAX_SESSIONS:
             raise OCIError("TOO_MANY_REQUESTS", f"{MAX_SESSIONS} uploads are open on this node; finish or cancel "
                            "some, or retry later", headers={"Retry-After": "10"})
-        session_id = secrets.token_hex(16)
-        path = self.store.partial_dir / f"{FILE_PREFIX}{session_id}"
-        path.touch(mode=0o600, exist_ok=False)
-        session = UploadSession(session_id, repository, path, touched=self.clock())
-        self._sessions[session_id] = session
+        session = UploadSession(secrets.token_hex(16), repository, touched=self.clock())
+        self._sessions[session.id] = session
         return session
 
     def get(self, repository: str, session_id: str) -> UploadSession:
@@ -82,7 +85,11 @@ class UploadSessions:
 
     def discard(self, session: UploadSession) -> None:
         self._sessions.pop(session.id, None)
-        session.path.unlink(missing_ok=True)
+        self._abort(session.ref)
+
+    def _abort(self, ref: str) -> None:
+        with contextlib.suppress(StoreError):  # another process writes it: not ours to drop
+            self.store.abort_ingest(ref)
 
     def expire(self) -> int:
         """Drop the sessions idle past the expiry; returns how many."""
@@ -108,24 +115,22 @@ class UploadSessions:
         before = session.size
         if length:
             await asyncio.to_thread(self.store.check_free_space, length, f"upload {session.id}")
-        fd = os.open(session.path, os.O_WRONLY | os.O_APPEND)
         written = 0
         try:
-            async for chunk in body:
-                if chunk:
-                    os.write(fd, chunk)
-                    written += len(chunk)
-            if length is not None and written != length:
-                raise OCIError("SIZE_INVALID", f"the body has {written} bytes, Content-Length or Content-Range "
-                               f"said {length}", detail={"received": written, "declared": length})
-        except OSError as exc:
-            os.ftruncate(fd, before)
-            raise OCIError("UNKNOWN", f"cannot write upload {session.id}: {exc.strerror}") from None
-        except BaseException:
-            os.ftruncate(fd, before)
-            raise
-        finally:
-            os.close(fd)
+            with self.store.writer(session.ref) as ingest:
+                try:
+                    async for chunk in body:
+                        if chunk:
+                            ingest.write_at(before + written, chunk)
+                            written += len(chunk)
+                    if length is not None and written != length:
+                        raise OCIError("SIZE_INVALID", f"the body has {written} bytes, Content-Length or "
+                                       f"Content-Range said {length}", detail={"received": written, "declared": length})
+                except BaseException:
+                    ingest.truncate(before)
+                    raise
+        except StoreError as exc:
+            raise OCIError("UNKNOWN", f"upload {session.id}: {exc}") from None
         session.size = before + written
         session.touched = self.clock()
 
@@ -134,15 +139,13 @@ class UploadSessions:
         either way (a wrong digest means the bytes are wrong; the client starts again)."""
         self._sessions.pop(session.id, None)
         try:
-            cuts = await asyncio.to_thread(safetensors_cuts, session.path)
-            return await asyncio.to_thread(self.store.ingest_temp_file, session.path, cuts, digest)
+            with self.store.writer(session.ref) as ingest:
+                return await asyncio.to_thread(_commit, ingest, digest)
         except DigestMismatch as exc:
-            raise OCIError("DIGEST_INVALID", str(exc).replace(str(session.path), f"upload {session.id}"),
+            raise OCIError("DIGEST_INVALID", str(exc).replace(f"ingest {session.ref}", f"upload {session.id}"),
                            detail={"digest": digest}) from None
         except StoreError as exc:
             raise OCIError("UNKNOWN", str(exc)) from None
-        finally:
-            session.path.unlink(missing_ok=True)
 
 
 def range_header(size: int) -> str:
