@@ -50,7 +50,22 @@ def node_row(node: controller_pb2.ClusterNode) -> dict[str, Any]:
                       "message": r.message} for r in node.replicas],
         "joined_at": iso_time(node.joined_at), "last_heartbeat": iso_time(node.last_heartbeat),
         "last_heartbeat_ago": _ago(node.last_heartbeat),
+        "store_check": _store_check(inventory.store_check) if inventory.HasField("store_check") else None,
     }
+
+
+def _store_check(check: common_pb2.StoreCheck) -> dict[str, Any]:
+    return {"kind": check.kind, "finished_at": iso_time(check.finished_at), "finished_ago": _ago(check.finished_at),
+            "blobs_checked": check.blobs_checked, "bytes_checked": check.bytes_checked,
+            "quarantined": list(check.quarantined)}
+
+
+def _store_check_line(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "none finished yet"
+    quarantined = len(check["quarantined"])
+    return (f"{check['kind']} finished {check['finished_at']} ({check['finished_ago']}): "
+            f"{check['blobs_checked']} blobs, {human_bytes(check['bytes_checked'])}, {quarantined or 'none'} quarantined")
 
 
 def _scheduling(row: dict[str, Any]) -> str:
@@ -123,10 +138,13 @@ def describe(name: str, output: str, controller: str, token: str | None) -> None
         ("Joined", row["joined_at"]), ("Last heartbeat", f"{row['last_heartbeat']} ({row['last_heartbeat_ago']})"),
         ("CPUs", f"{row['cpu_count']} (load {row['cpu_load']:.2f} per CPU)"), ("Memory", _memory(row)),
         ("Disk", f"{human_bytes(row['disk_free'])} free of {human_bytes(row['disk_total'])}"),
+        ("Store check", _store_check_line(row["store_check"])),
     ]
     width = max(len(k) for k, _ in lines) + 1
     for key, value in lines:
         click.echo(f"{key + ':':<{width}} {value}")
+    for digest in (row["store_check"] or {}).get("quarantined", []):
+        click.echo(f"  quarantined {digest}")
     click.echo("GPUs:" if row["gpus"] else "GPUs: none")
     for gpu in row["gpus"]:
         click.echo(f"  {gpu['index']}  {gpu['model']}  {gpu['uuid']}  memory {human_bytes(gpu['memory_used'])} used "

@@ -14,6 +14,7 @@ from clowderctl.context import StoreContext, pass_store
 from clowderctl.output import column, emit, emit_object, human_bytes, output_option
 from clowderd.aimage.build import BuildResult, build
 from clowderd.aimage.clowderfile import load_clowderfile
+from clowderd.errors import NotFound
 from clowderd.store import fsck as store_fsck
 from clowderd.store import gc as store_gc
 
@@ -226,16 +227,29 @@ def gc_cmd(ctx: StoreContext, dry_run: bool, output: str) -> None:
 
 
 @click.command("fsck")
+@click.option("--last", is_flag=True, help="Print the last check of the store (the scrub's last pass or the "
+                                           "last fsck) instead of checking it now.")
 @output_option
 @pass_store
-def fsck_cmd(ctx: StoreContext, output: str) -> None:
-    """Re-hash every blob and chunk; name any that is corrupt. Exits 1 if one is."""
-    report = store_fsck.check(ctx.store)
+def fsck_cmd(ctx: StoreContext, last: bool, output: str) -> None:
+    """Re-hash every blob and chunk; name any that is corrupt (it is quarantined). Exits 1 if one is."""
+    if last:
+        report = store_fsck.load_last(ctx.data_dir / "store")
+        if report is None:
+            raise NotFound(f"no check of the store in {ctx.data_dir} has finished yet; a running clowderd scrubs "
+                           "it ([store] scrub_interval_seconds), or run `clowderctl fsck`")
+    else:
+        report = store_fsck.check(ctx.store)
+        store_fsck.save_last(ctx.store, report)
     problems = [{"digest": p.digest, "problem": p.what, "images": p.images} for p in report.problems]
     if output == "json":
-        emit_object("json", {"blobs_checked": report.blobs_checked, "bytes_checked": report.bytes_checked,
+        emit_object("json", {"kind": report.kind, "started": report.started, "finished": report.finished,
+                             "blobs_checked": report.blobs_checked, "bytes_checked": report.bytes_checked,
                              "problems": problems})
     else:
+        if last:
+            finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.finished))
+            click.echo(f"last check: {report.kind}, finished {finished} ({_ago(report.finished)})")
         for p in problems:
             used = f" (used by {', '.join(p['images'])})" if p["images"] else ""
             click.echo(f"CORRUPT {p['digest']}: {p['problem']}{used}")

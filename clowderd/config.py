@@ -60,6 +60,8 @@ The file (TOML, read with tomllib)::
     http_header_timeout_seconds = 20 # as in [storage], for the OpenAI-compatible HTTP API
     http_body_timeout_seconds = 60
     http_max_header_bytes = 32768
+    [store]              # the content store of the storage and worker roles
+    scrub_interval_seconds = 86400   # the scrub re-reads the whole store once per interval; 0 turns it off
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ DEFAULT_DATA_DIR = "/var/lib/clowder"
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 5.0
 DEFAULT_HEARTBEAT_GRACE_SECONDS = 15.0
+DEFAULT_SCRUB_INTERVAL_SECONDS = 86400.0  # the whole store re-read once a day (clowderd.store.scrub)
 # Written by the controller role, relative to its data dir, mode 0600: the token that admits
 # new nodes, and the token of the admin API.
 JOIN_TOKEN_FILE = "controller/join-token"
@@ -213,6 +216,8 @@ class Config:
     controller_deploy: dict[str, str] = field(default_factory=dict)
     heartbeat_interval_seconds: float = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
     heartbeat_grace_seconds: float = DEFAULT_HEARTBEAT_GRACE_SECONDS
+    # The scrub of the store reads all of it once per this many seconds; 0: no scrub.
+    store_scrub_interval_seconds: float = DEFAULT_SCRUB_INTERVAL_SECONDS
     registry_http: RegistryHTTPConfig = field(
         default_factory=lambda: RegistryHTTPConfig(Address(DEFAULT_HOST, DEFAULT_HTTP_PORT)))
     lb_http: LbHTTPConfig = field(default_factory=lambda: LbHTTPConfig(Address(DEFAULT_HOST, DEFAULT_LB_HTTP_PORT)))
@@ -301,6 +306,7 @@ _SCHEMA: dict[str, Any] = {
            "tls_key": "path", "max_body_bytes": "int", "keys_file": "path", "requests_per_minute": "int",
            "middleware": "names", "audit_log": "path", "secrets_file": "path",
            **{k: "http_limit" for k in HTTP_LIMIT_KEYS}},
+    "store": {"scrub_interval_seconds": "seconds"},
 }
 
 
@@ -437,6 +443,11 @@ def build_config(file_path: str | None, flags: Mapping[str, Any],
         cfg.worker_pull_from = v
     _membership(cfg, raw, w, file_path)
     _deployments(cfg, raw, w)
+    scrub = raw.get("store.scrub_interval_seconds", DEFAULT_SCRUB_INTERVAL_SECONDS)
+    if isinstance(scrub, bool) or not isinstance(scrub, (int, float)) or scrub < 0:
+        raise ConfigError(f"{w('store.scrub_interval_seconds')}: expected a number of seconds, or 0 for no "
+                          f"scrub, got {scrub!r}")
+    cfg.store_scrub_interval_seconds = float(scrub)
 
     seen: dict[Address, str] = {}
     listens = [(role + ".listen", cfg.role[role].listen, role) for role in cfg.roles]

@@ -13,6 +13,15 @@ class NotFound(ClowderError):
     """A named thing (image, blob, tag, node) does not exist."""
 
 
+class Quarantined(NotFound):
+    """A blob whose stored bytes were found corrupt: it stays in the store, but is not served until the
+    same content comes in again (a push, a pull or a build of it), which repairs it."""
+
+    def __init__(self, digest: str, message: str):
+        super().__init__(message)
+        self.digest = digest
+
+
 class DigestMismatch(ClowderError):
     """Content does not hash to the digest it was expected to have."""
 

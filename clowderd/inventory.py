@@ -1,6 +1,7 @@
 """What this node has to offer: CPUs and memory (psutil), the disk of the data directory, and NVIDIA GPUs
 (NVML, through nvidia-ml-py). A node without the NVIDIA driver, or whose NVML fails, reports no GPUs and
-says why once in the log."""
+says why once in the log. Also the last whole check of its content store (the scrub's last pass, or
+`clowderctl fsck`), as saved in the store's root."""
 from __future__ import annotations
 
 import logging
@@ -8,10 +9,14 @@ import os
 import shutil
 import time
 
+from pathlib import Path
+
 import psutil
 import pynvml
 
 from clowder.v1 import common_pb2
+from clowderd.errors import StoreError
+from clowderd.store import fsck
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ def _memory(handle: object) -> object:
 class Inventory:
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
+        self._store_check_error = ""
         self._nvml = False
         try:
             pynvml.nvmlInit()
@@ -48,7 +54,26 @@ class Inventory:
             cpu_count=cpus, cpu_load=os.getloadavg()[0] / cpus, memory_total=memory.total,
             memory_available=memory.available, disk_free=disk.free, disk_total=disk.total, gpus=self._gpus())
         out.observed_at.FromNanoseconds(time.time_ns())
+        check = self._store_check()
+        if check is not None:
+            out.store_check.CopyFrom(check)
         return out
+
+    def _store_check(self) -> common_pb2.StoreCheck | None:
+        try:
+            report = fsck.load_last(Path(self.data_dir) / "store")
+        except StoreError as e:
+            if str(e) != self._store_check_error:
+                log.warning("cannot report the last check of the store", extra={"error": str(e)})
+                self._store_check_error = str(e)
+            return None
+        if report is None:
+            return None
+        check = common_pb2.StoreCheck(kind=report.kind, blobs_checked=report.blobs_checked,
+                                      bytes_checked=report.bytes_checked,
+                                      quarantined=[p.digest for p in report.problems])
+        check.finished_at.FromNanoseconds(int(report.finished * 1e9))
+        return check
 
     def _gpus(self) -> list[common_pb2.GpuInfo]:
         if not self._nvml:

@@ -47,3 +47,13 @@ def fill(fs, leave: int) -> None:
     free = st.f_bavail * st.f_frsize
     with open(fs / "filler", "ab") as f:
         os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, max(0, free - leave))
+
+
+def flip_byte(path, offset: int) -> None:
+    """Flip one byte of a stored file (read-only, as the store keeps them), as a failing disk would."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

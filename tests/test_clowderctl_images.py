@@ -88,6 +88,23 @@ def test_fsck_exits_non_zero_and_names_the_corrupt_blob(ctl, tiny_llama, tmp_pat
     assert f"CORRUPT {weights['digest']}" in out and "tiny:v1" in out
 
 
+def test_fsck_last_prints_the_last_check_without_checking_again(ctl, tiny_llama, tmp_path):
+    (tmp_path / "Clowderfile").write_text(f"base: {tiny_llama}\n")
+    assert ctl("build", "-q", "-t", "tiny:v1")[0] == 0
+    code, _, err = ctl("fsck", "--last")
+    assert code == 1 and "no check of the store" in err and "has finished yet" in err
+    assert ctl("fsck")[0] == 0
+    for blob in (tmp_path / "data" / "store" / "blobs" / "sha256").iterdir():
+        os.chmod(blob, 0o644)
+        blob.write_bytes(b"corrupt!")
+    code, out, _ = ctl("fsck", "--last")
+    assert code == 0 and out.startswith("last check: fsck, finished ") and out.strip().endswith("ok")
+    report = json.loads(ctl("fsck", "--last", "-o", "json")[1])
+    assert report["kind"] == "fsck" and report["blobs_checked"] == 5 and report["problems"] == []
+    assert ctl("fsck")[0] == 1
+    assert len(json.loads(ctl("fsck", "--last", "-o", "json")[1])["problems"]) == 5
+
+
 def test_unknown_image_is_named(ctl):
     code, _, err = ctl("inspect", "nothere:v1")
     assert code == 1 and "'nothere:v1' not found" in err

@@ -152,6 +152,18 @@ def test_heartbeat_timing_from_the_file(tmp_path):
         (5.0, 15.0)
 
 
+def test_the_scrub_interval_is_a_day_unless_the_file_says_otherwise_and_0_turns_it_off(tmp_path):
+    assert build_config(None, {}).store_scrub_interval_seconds == 86400
+    for value in (3600, 0):
+        cfg = build_config(write(tmp_path, to_toml({"store": {"scrub_interval_seconds": value}})), {})
+        assert cfg.store_scrub_interval_seconds == value
+    with pytest.raises(ConfigError, match=r"c.toml: store.scrub_interval_seconds: expected a number of seconds, "
+                                          r"or 0 for no scrub, got -1"):
+        build_config(write(tmp_path, to_toml({"store": {"scrub_interval_seconds": -1}})), {})
+    with pytest.raises(ConfigError, match=r"unknown key 'store.scrub_rate'"):
+        build_config(write(tmp_path, to_toml({"store": {"scrub_rate": 1}})), {})
+
+
 @pytest.mark.parametrize("value, ok", [
     ("0.0.0.0:1", True), ("[::]:7070", True), ("host-1.example.com:80", True),
     ("[::1]:0", True), ("::1:80", False), ("1.2.3:80", False), ("h:", False), ("[x]:1", False),

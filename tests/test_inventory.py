@@ -64,3 +64,25 @@ def test_gpus_are_reported_with_their_identity_and_memory_and_an_unreadable_one_
     assert (gpu.index, gpu.uuid, gpu.model) == (0, "GPU-3f9c", "NVIDIA H100 80GB HBM3")
     assert (gpu.memory_total, gpu.memory_used) == (80 << 30, 3 << 30)
     assert (gpu.compute_capability, gpu.driver_version) == ("9.0", "550.54.15")
+
+
+def test_the_last_check_of_the_store_is_reported_once_one_has_finished(tmp_path, caplog):
+    from clowderd.store import fsck
+    from clowderd.store.content import ContentStore
+
+    inventory = Inventory(str(tmp_path))
+    assert not inventory.take().HasField("store_check")
+    store = ContentStore(tmp_path / "store")
+    digest = "sha256:" + "a" * 64
+    fsck.save_last(store, fsck.FsckReport(3, 3000, [fsck.Problem(digest, "corrupt", [])], kind="scrub",
+                                          started=1000.0, finished=2000.5))
+    check = inventory.take().store_check
+    assert (check.kind, check.blobs_checked, check.bytes_checked) == ("scrub", 3, 3000)
+    assert list(check.quarantined) == [digest]
+    assert check.finished_at.ToNanoseconds() == 2_000_500_000_000
+    (tmp_path / "store" / fsck.LAST_REPORT).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="clowderd.inventory"):
+        assert not inventory.take().HasField("store_check") and not inventory.take().HasField("store_check")
+    assert [r.getMessage() for r in caplog.records] == ["cannot report the last check of the store"]  # once
+    store.close()
+    inventory.close()

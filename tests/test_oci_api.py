@@ -281,3 +281,77 @@ def test_an_upload_a_killed_node_left_is_dropped_when_the_node_starts_again(tmp_
             again.stop()
     finally:
         store.close()
+
+
+def _corrupt_stored_blob(node, digest: str, offset: int) -> int:
+    """Flip a byte of the blob's file on the node; returns where its chunk starts."""
+    from clowderd.store.content import ContentStore
+    from tests.store_fixtures import flip_byte
+
+    store = ContentStore(node.data_dir / "store")
+    try:
+        path = store.blob_path(digest)
+        chunk_start = max(off for off, _, _ in store.chunk_index(digest) if off <= offset)
+    finally:
+        store.close()
+    flip_byte(path, offset)
+    return chunk_start
+
+
+def _broken_off_body(oci, url: str, **kw) -> tuple[httpx.Response, bytes]:
+    """GET url expecting the body to end early; (the response, the bytes that did arrive)."""
+    got = bytearray()
+    with oci.stream("GET", url, **kw) as r:
+        try:
+            for piece in r.iter_raw():
+                got += piece
+        except httpx.RemoteProtocolError:
+            return r, bytes(got)
+    raise AssertionError(f"the whole body of {len(got)} bytes arrived")
+
+
+def _quarantine_records(node, digest: str) -> list[dict]:
+    return [r for r in node.log_records() if r["msg"] == "corrupt blob quarantined" and r["digest"] == digest]
+
+
+def test_a_corrupt_blob_is_cut_off_before_its_bad_chunk_then_unknown_until_pushed_again(oci, oci_node):
+    data = os.urandom(10 << 20)
+    digest = push_blob(oci, "corrupt/whole", data)
+    chunk_start = _corrupt_stored_blob(oci_node, digest, 9 << 20)
+    r, got = _broken_off_body(oci, f"/v2/corrupt/whole/blobs/{digest}")
+    assert r.status_code == 200 and r.headers["Content-Length"] == str(len(data))
+    assert 0 < len(got) <= chunk_start and got == data[: len(got)]  # good bytes only, and not all of them
+    [record] = _quarantine_records(oci_node, digest)
+    assert record["path"].endswith(digest.split(":")[1]) and record["offset"] == chunk_start
+    assert record["found_by"] == "oci-get" and record["level"] == "error"
+    r = oci.get(f"/v2/corrupt/whole/blobs/{digest}")
+    assert r.status_code == 404 and error_code(r) == "BLOB_UNKNOWN"
+    message = r.json()["errors"][0]["message"]
+    assert "quarantined" in message and f"offset {chunk_start:,}" in message and "push" in message
+    assert oci.head(f"/v2/corrupt/whole/blobs/{digest}").status_code == 404  # so a pusher uploads it again
+    push_blob(oci, "corrupt/whole", data)
+    r = oci.get(f"/v2/corrupt/whole/blobs/{digest}")
+    assert r.status_code == 200 and r.content == data
+
+
+def test_a_ranged_get_checks_the_chunks_it_sends(oci, oci_node):
+    data = os.urandom(3 << 20)
+    digest = push_blob(oci, "corrupt/ranged", data)
+    r = oci.get(f"/v2/corrupt/ranged/blobs/{digest}", headers={"Range": "bytes=1000-2000999"})
+    assert r.status_code == 206 and r.content == data[1000:2001000]
+    _corrupt_stored_blob(oci_node, digest, 1_500_000)
+    r, got = _broken_off_body(oci, f"/v2/corrupt/ranged/blobs/{digest}", headers={"Range": "bytes=1000-2000999"})
+    assert r.status_code == 206 and len(got) < 2_000_000 and got == data[1000 : 1000 + len(got)]
+    assert len(_quarantine_records(oci_node, digest)) == 1
+    assert oci.get(f"/v2/corrupt/ranged/blobs/{digest}", headers={"Range": "bytes=0-9"}).status_code == 404
+
+
+def test_a_corrupt_manifest_is_unknown_saying_why_until_it_is_pushed_again(oci, oci_node):
+    digest, manifest = push_image(oci, "corrupt/manifest", "v1", [os.urandom(100)])
+    _corrupt_stored_blob(oci_node, digest, 10)
+    r = oci.get("/v2/corrupt/manifest/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
+    assert "quarantined" in r.json()["errors"][0]["message"] and _quarantine_records(oci_node, digest)
+    r = oci.put("/v2/corrupt/manifest/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201
+    assert oci.get("/v2/corrupt/manifest/manifests/v1", headers={"Accept": OCI_MANIFEST}).content == manifest

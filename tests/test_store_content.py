@@ -2,6 +2,7 @@
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,15 @@ def test_a_store_made_with_the_chunk_map_index_by_location_opens_without_it(tmp_
         assert "chunks_by_location" not in names
     finally:
         store.close()
+
+
+def test_no_code_outside_the_store_reads_or_writes_its_tables():
+    """Callers use the store's methods (clowderd.store.protocols): its tables change with it."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    table_access = re.compile(r"\b(store|index)\.db\b|\.db\.execute|\.transaction\(")
+    offenders = [f"{path.relative_to(root)}:{n}" for package in ("clowderd", "clowderctl")
+                 for path in (root / package).rglob("*.py") if not path.is_relative_to(root / "clowderd" / "store")
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if table_access.search(line)]
+    assert offenders == []

@@ -152,3 +152,17 @@ def test_removing_the_last_name_of_a_pushed_manifest_lets_gc_free_it(store, monk
     index.untag("team/model:v1")
     report = gc.collect(store)
     assert report.manifests_removed == 1 and store.usage().blob_count == 0
+
+
+def test_the_names_using_a_blob_are_those_under_the_prefix_whose_image_references_it(store):
+    index = ImageIndex(store)
+    digest = _push(index, "team/model", tag="v1")
+    layer = next(b for b in index.image_blobs(digest) if b != digest and store.info(b).size == 5000)
+    for name in ("reg_1/a/model:v1", "regx1/a/model:v1", "reg_1/b/model:v2"):
+        index.tag(name, digest)
+    assert index.names_using(layer) == ["reg_1/a/model:v1", "reg_1/b/model:v2", "regx1/a/model:v1",
+                                        "team/model:v1"]
+    assert index.names_using(layer, "reg_1/") == ["reg_1/a/model:v1", "reg_1/b/model:v2"]  # '_' is no wildcard
+    assert index.tagged_repositories() == ["reg_1/a/model", "reg_1/b/model", "regx1/a/model", "team/model"]
+    assert index.artifact_type(digest) == "application/vnd.clowder.aimage.v1+json"
+    assert index.artifact_type("sha256:" + "0" * 64) is None

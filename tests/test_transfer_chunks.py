@@ -169,7 +169,7 @@ def test_a_pull_over_4_streams_killed_keeps_every_whole_window_past_the_first_ga
     assert blob_bytes(dst.data_dir)[0] == blob_bytes(src.data_dir)[0]
 
 
-def test_a_corrupt_chunk_on_the_source_is_reported_and_refetched_once_repaired(nodes, tiny_llama):
+def test_a_corrupt_chunk_on_the_source_is_reported_quarantined_there_and_refetched_once_repaired(nodes, tiny_llama):
     src, dst = nodes
     build_into(src.data_dir, tiny_llama, "tiny:v1")
     weights = (tiny_llama / "model.safetensors").read_bytes()
@@ -186,11 +186,14 @@ def test_a_corrupt_chunk_on_the_source_is_reported_and_refetched_once_repaired(n
         f.write(bytes([weights[offset] ^ 0xFF]))
     r = ctl(dst.data_dir, "pull", url(src, "tiny:v1"))
     assert r.returncode == 1
-    assert "corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert "corrupt" in r.stderr and digest in r.stderr and "Traceback" not in r.stderr
     assert "tiny" not in ctl(dst.data_dir, "images").stdout
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes([weights[offset]]))
+    store = ContentStore(src.data_dir / "store")
+    assert [q.digest for q in store.quarantined()] == [digest]
+    store.close()
+    r = ctl(dst.data_dir, "pull", url(src, "tiny:v1"))  # the source no longer serves it
+    assert r.returncode == 1 and "DATA_LOSS" in r.stderr and "quarantined" in r.stderr
+    build_into(src.data_dir, tiny_llama, "tiny:v1")  # the same content again repairs it
     result = pull_json(dst.data_dir, url(src, "tiny:v1"))
     assert result["resumed_bytes"] > 0  # the chunks before the bad one were kept
     assert blob_bytes(dst.data_dir)[0][digest] == weights
@@ -240,22 +243,6 @@ def test_fetch_chunks_packed_and_unpacked_give_the_same_chunks(nodes, tiny_llama
         assert old == packed == [(cid, weights[off : off + n]) for off, n, cid in chunks]
     finally:
         source.close()
-
-
-def test_bad_chunks_names_exactly_the_corrupt_ones():
-    from clowderd import _native as native
-    from clowderd.distribution.chunk_client import bad_chunks
-
-    pieces = [os.urandom(n) for n in (100, 70_000, 131_072, 9)]
-    ids = b"".join(native.blake3(p) for p in pieces)
-    data = b"".join(pieces)
-    lengths = [len(p) for p in pieces]
-    assert bad_chunks(data, lengths, ids) == []
-    broken = bytearray(data)
-    broken[150] ^= 1
-    broken[-1] ^= 1
-    assert bad_chunks(bytes(broken), lengths, ids) == [1, 3]
-    assert bad_chunks(data[:-1], lengths, ids) == [3]  # a short message
 
 
 def test_the_store_takes_an_assembled_file_only_with_its_digest_and_a_chunk_list_that_fits(tmp_path):

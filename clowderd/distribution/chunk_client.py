@@ -31,6 +31,7 @@ from clowderd.distribution.errors import TransferError
 from clowderd.distribution.progress import Progress
 from clowderd.errors import DigestMismatch, NotFound, StoreError
 from clowderd.store.content import ContentStore, pack_chunk_index, parse_digest, tiling_error
+from clowderd.store.verify import bad_chunks
 from clowderd.trust.dial import Dialer
 
 DEFAULT_STREAMS = 4
@@ -111,27 +112,6 @@ class ChunkSource:
         except grpc.RpcError as exc:
             raise _rpc_error(exc, f"blob {digest} on {self.address}") from None
         return r.size, [(c.offset, c.length, c.id) for c in r.chunks]
-
-
-def bad_chunks(data, lengths, ids) -> list[int]:
-    """The indexes k of the chunks in data (cut after each of lengths) whose BLAKE3 is not the
-    k-th 32-byte id of ids (the ids concatenated). A data of the wrong length marks the chunks it
-    does not fully hold as bad."""
-    n = len(lengths)
-    if not n:
-        return []
-    if len(data) == sum(lengths):
-        got = native.blake3_many(data, lengths)
-    else:
-        view, pieces, pos = memoryview(data), [], 0
-        for length in lengths:
-            chunk = view[pos : pos + length]
-            pieces.append(native.blake3(chunk) if len(chunk) == length else bytes(ID_SIZE))
-            pos += length
-        got = b"".join(pieces)
-    if got == ids:
-        return []
-    return [k for k in range(n) if got[ID_SIZE * k : ID_SIZE * (k + 1)] != ids[ID_SIZE * k : ID_SIZE * (k + 1)]]
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:

@@ -31,11 +31,7 @@ class PushResult:
 
 def _mount_sources(index: ImageIndex, registry: str, repo: str, digest: str) -> list[str]:
     """Other repositories of `registry` that names on this node say hold blob `digest`."""
-    rows = index.db.execute(
-        "SELECT t.name FROM tags t JOIN manifest_blobs mb ON mb.manifest = t.manifest WHERE mb.blob = ? AND t.name LIKE ?",
-        (digest, registry + "/%"),
-    )
-    repos = {name[len(registry) + 1 :].rpartition(":")[0] for (name,) in rows}
+    repos = {name[len(registry) + 1 :].rpartition(":")[0] for name in index.names_using(digest, registry + "/")}
     repos.discard(repo)
     return sorted(repos)
 

@@ -1,5 +1,6 @@
 """gRPC services of the storage role: the Registry service (clowderd.storage.transfer) over the
-node's content store; its methods not yet implemented answer UNIMPLEMENTED, naming the method.
+node's content store; its methods not yet implemented answer UNIMPLEMENTED, naming the method. The
+store is scrubbed in the background (clowderd.store.scrub).
 
 Its listener is between roles: the chunk API reads for the nodes of the cluster and for clowderctl with
 an admin certificate (the OCI HTTP API is where registry tokens are taken). With insecure = true it reads
@@ -15,6 +16,7 @@ from clowder.v1 import registry_pb2, registry_pb2_grpc
 from clowderd.server import refusing_servicer
 from clowderd.storage import http
 from clowderd.storage.transfer import RegistryServicer
+from clowderd.store import scrub
 from clowderd.store.content import ContentStore
 from clowderd.trust import certs
 
@@ -41,6 +43,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(store), server)
     readers = (*certs.NODE_ROLES, certs.ADMIN)
     process.allow("storage", "clowder.v1.Registry", {method: readers for method in READ_METHODS})
+    scrub.run_in(process, store, "storage")
 
     async def close_store() -> None:
         store.close()

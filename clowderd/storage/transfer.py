@@ -5,27 +5,33 @@ Chunk bytes are read in a worker thread (pread and BLAKE3 release the GIL), coal
 lie next to each other in one file into one read, and sent several to a message; the next message
 is read while the current one is sent. A packed request gets each message's chunks as one
 contiguous `data` (with their ids and lengths), the whole message verified by one BLAKE3 call.
-Every chunk is hashed before it is sent: a chunk whose stored bytes are corrupt is read again from
-the blob the client named (a second copy, when that blob has its own file), else the stream ends
-with DATA_LOSS naming the chunk, so a corrupt disk never feeds another node.
+Every chunk is checked against its id before it is sent (clowderd.store.verify.bad_chunks): a chunk
+whose stored bytes are corrupt is read again from the blob the client named (a second copy, when that
+blob has its own file), else the stream ends with DATA_LOSS naming the chunk, and the blob whose file
+holds it and the blob named are quarantined, so a corrupt disk never feeds another node. A
+quarantined blob is DATA_LOSS too, naming what was found.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
 import grpc
 
 from clowder.v1 import registry_pb2, registry_pb2_grpc
-from clowderd import _native as native
 from clowderd.aimage import mediatypes as mt
 from clowderd.aimage.reference import validate_digest
-from clowderd.distribution.chunk_client import bad_chunks, retain_freed_buffers
-from clowderd.errors import ClowderError, InvalidInput, NotFound
-from clowderd.server import unimplemented_servicer
-from clowderd.store.content import ContentStore
+from clowderd.distribution.chunk_client import retain_freed_buffers
+from clowderd.errors import ClowderError, InvalidInput, NotFound, Quarantined
+from clowderd.server import StatusCodes, unimplemented_servicer
+from clowderd.store.content import ContentStore, Corruption, location_digest
 from clowderd.store.images import ImageIndex
+from clowderd.store.protocols import Provider
+from clowderd.store.verify import bad_chunks
+
+log = logging.getLogger("clowderd.storage.transfer")
 
 CHUNKER = "fastcdc-gear/8k-64k-128k+safetensors"
 BATCH_BYTES = 4 << 20  # chunk bytes per FetchChunks message (unpacked)
@@ -34,11 +40,13 @@ PACKED_BATCH_RANGE = (64 << 10, 15 << 20)  # 15 MiB: under the server's 16 MiB m
 MAX_IDS = 4096  # chunk ids per FetchChunks call
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """'repo/name:tag' -> ('repo/name', 'tag')."""
-    repo, _, tag = name.rpartition(":")
-    return repo, tag
-
+# The store's errors as gRPC status codes, the first class that matches winning.
+STATUS_CODES = StatusCodes(
+    (Quarantined, grpc.StatusCode.DATA_LOSS),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ClowderError, grpc.StatusCode.INTERNAL),
+)
 
 # Methods not overridden below (PutBlob, PutManifest, DeleteManifest) answer UNIMPLEMENTED.
 _Unimplemented = type(unimplemented_servicer(registry_pb2_grpc.RegistryServicer, registry_pb2.DESCRIPTOR, "Registry"))
@@ -46,22 +54,16 @@ _Unimplemented = type(unimplemented_servicer(registry_pb2_grpc.RegistryServicer,
 
 class RegistryServicer(_Unimplemented):
     def __init__(self, store: ContentStore):
-        self.store = store
+        self.store: Provider = store  # the servicer reads content; names and manifests come from the index
         self.index = ImageIndex(store)
         retain_freed_buffers()  # every FetchChunks message is a fresh MiB at this end too
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ClowderError):
-        code = grpc.StatusCode.NOT_FOUND if isinstance(exc, NotFound) else (
-            grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidInput) else grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(exc))
+        await context.abort(STATUS_CODES.code(exc), str(exc))
 
     # -- names -------------------------------------------------------------------------------
-    def _tag_names(self) -> list[str]:
-        return [r[0] for r in self.store.db.execute("SELECT name FROM tags ORDER BY name")]
-
     async def ListRepositories(self, request, context):
-        repos = sorted({_split_name(n)[0] for n in self._tag_names()})
-        return registry_pb2.ListRepositoriesResponse(repositories=repos)
+        return registry_pb2.ListRepositoriesResponse(repositories=self.index.tagged_repositories())
 
     async def ListTags(self, request, context):
         tags = self.index.repository_tags(request.repository)
@@ -79,9 +81,8 @@ class RegistryServicer(_Unimplemented):
             content = self.index.manifest_bytes(digest)
         except ClowderError as exc:
             return await self._abort(context, exc)
-        row = self.store.db.execute("SELECT artifact_type FROM manifests WHERE digest = ?", (digest,)).fetchone()
-        return registry_pb2.GetManifestResponse(
-            media_type=mt.OCI_MANIFEST, digest=digest, content=content, artifact_type=row[0] if row else "")
+        return registry_pb2.GetManifestResponse(media_type=mt.OCI_MANIFEST, digest=digest, content=content,
+                                                artifact_type=self.index.artifact_type(digest) or "")
 
     # -- blobs and chunks ----------------------------------------------------------------------
     async def StatBlob(self, request, context):
@@ -169,9 +170,15 @@ class RegistryServicer(_Unimplemented):
             yield fds[loc], off, end - off, i, j
             i = j
 
-    def _corrupt(self, cid: bytes, loc: str, blob_digest: str) -> str:
-        return (f"chunk {cid.hex()} is corrupt in {self.store.location_path(loc)} on the source node "
-                f"(blob {blob_digest or 'unknown'}); run 'clowderctl fsck' there")
+    def _corrupt(self, cid: bytes, location: tuple[str, int, int], blob_digest: str) -> str:
+        """Quarantine the blob whose own file holds the corrupt chunk, and the blob the client named;
+        the DATA_LOSS message."""
+        loc, offset, _ = location
+        path = str(self.store.location_path(loc))
+        for digest in {location_digest(loc), blob_digest} - {None, ""}:
+            self.store.quarantine(Corruption(digest, path, offset, cid), "fetch-chunks")
+        return (f"chunk {cid.hex()} is corrupt in {path} on the source node (blob {blob_digest or 'unknown'}); "
+                "the blob is quarantined there until a push or pull of it repairs it")
 
     def _read_packed(self, ids, locations, blob_digest):
         """One packed ChunkBatch of ids, verified: up to the first corrupt chunk (None if that is
@@ -197,7 +204,7 @@ class RegistryServicer(_Unimplemented):
             for k in bad:
                 chunk = self._second_copy(ids[k], lengths[k], blob_digest)
                 if chunk is None:
-                    error = self._corrupt(ids[k], locations[ids[k]][0], blob_digest)
+                    error = self._corrupt(ids[k], locations[ids[k]], blob_digest)
                     ids, lengths, fixed, joined = ids[:k], lengths[:k], fixed[: offsets[k]], joined[: 32 * k]
                     break
                 fixed[offsets[k] : offsets[k + 1]] = chunk
@@ -214,16 +221,17 @@ class RegistryServicer(_Unimplemented):
         try:
             for fd, off, n, i, j in self._runs(ids, locations, fds):
                 data = memoryview(os.pread(fd, n, off))
+                lengths = [locations[cid][2] for cid in ids[i:j]]
+                bad = set(bad_chunks(data, lengths, b"".join(ids[i:j])))
                 pos = 0
-                for cid in ids[i:j]:
-                    length = locations[cid][2]
+                for k, (cid, length) in enumerate(zip(ids[i:j], lengths)):
                     chunk = data[pos : pos + length]
                     pos += length
-                    if len(chunk) != length or native.blake3(chunk) != cid:
+                    if k in bad:
                         chunk = self._second_copy(cid, length, blob_digest)
                         if chunk is None:
                             batch = registry_pb2.ChunkBatch(chunks=out) if out else None
-                            return batch, self._corrupt(cid, locations[cid][0], blob_digest)
+                            return batch, self._corrupt(cid, locations[cid], blob_digest)
                     out.append(registry_pb2.ChunkData(id=cid, data=bytes(chunk)))
         finally:
             for fd in fds.values():
@@ -238,4 +246,9 @@ class RegistryServicer(_Unimplemented):
             return None
         with open(fallback[0], "rb") as f:
             data = os.pread(f.fileno(), length, fallback[1][cid])
-        return data if native.blake3(data) == cid else None
+        if bad_chunks(data, [length], cid):
+            return None
+        log.warning("corrupt chunk sent from a second copy", extra={
+            "chunk": cid.hex(), "location": self.store.chunk_locations([cid]).get(cid, ("?",))[0],
+            "second_copy": str(fallback[0])})
+        return data

@@ -1,9 +1,16 @@
 """The content store: immutable blobs under their sha256 digest, cut into BLAKE3-named chunks.
 
-Read it as three small interfaces, after containerd's content store:
+Read it as three small interfaces, after containerd's content store (clowderd.store.protocols names
+them for callers, who use these methods and never the store's tables):
 - Provider: info(), exists(), read_bytes(), open(), chunk_index(), path()
 - Ingester: ingest_file(), ingest_bytes(): write to a temp file, check the digest, fsync, rename
-- Manager: blobs(), delete() (used by gc), usage()
+- Manager: blobs(), delete() (used by gc), usage(), quarantined()
+
+A blob whose stored bytes a reader finds corrupt (a chunk that does not hash to its id in the blob's
+chunk index) is quarantined (quarantine()): it stays in the index, but exists() says no and info(),
+and with it every read, raises Quarantined naming what was found. A pull skips only what exists, so it
+fetches the blob again, and ingesting the same content (a pull, a push, a build) repairs it: the
+verified new file replaces the old one, and the chunk map points at it.
 
 A blob is kept in one of two layouts. The first time content arrives it is kept as a whole file,
 blobs/sha256/<hex>, read-only, ready to be hard-linked into a model directory. A blob most of whose
@@ -18,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import logging
 import mmap
 import os
 import secrets
@@ -31,10 +39,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from clowderd import _native as native
-from clowderd.errors import DigestMismatch, InvalidInput, NotFound, StoreError
+from clowderd.errors import DigestMismatch, InvalidInput, NotFound, Quarantined, StoreError
 from clowderd.store import db
 from clowderd.store import writer as ingests
 from clowderd.store.writer import BlobWriter, IngestStatus
+
+log = logging.getLogger("clowderd.store")
 
 # A blob is kept as chunks (not as a whole file) when at least this share of its bytes is
 # already in the store; below it, pointing into other files is not worth the indirection.
@@ -70,6 +80,36 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
+class Corruption:
+    """Stored bytes of a blob that are not what its chunk index says: a chunk that does not hash to its
+    id, or a file that cannot be read."""
+    digest: str  # the blob
+    path: str  # the file the bytes were read from
+    offset: int  # where the chunk starts in that file
+    chunk_id: bytes | None  # None: the file as a whole (missing, unreadable, of the wrong size or digest)
+    problem: str = "is corrupt: its bytes do not hash to its id"
+
+    def __str__(self) -> str:
+        if self.chunk_id is None:
+            return f"{self.path}: {self.problem}"
+        return f"chunk {self.chunk_id.hex()} at offset {self.offset:,} of {self.path} {self.problem}"
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    digest: str
+    reason: str  # str(Corruption)
+    found_by: str
+    found: float  # Unix time
+
+    def error(self) -> Quarantined:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.found))
+        return Quarantined(self.digest, f"blob {self.digest} is quarantined on this node since {when}: "
+                                        f"{self.reason} (found by {self.found_by}); it is not served until "
+                                        "a push or pull of it repairs it")
+
+
+@dataclass(frozen=True)
 class Usage:
     blob_count: int
     logical_bytes: int  # sum of the sizes of all blobs
@@ -100,6 +140,12 @@ def tiling_error(chunks: Sequence[Chunk], size: int) -> str | None:
             return f"does not tile the blob (at offset {pos})"
         pos += length
     return None if pos == size else f"covers {pos} of its {size} bytes"
+
+
+def location_digest(location: str) -> str | None:
+    """The digest of the blob whose own file a chunk-map location is ('blob:<hex>'); None for a pack."""
+    kind, _, name = location.partition(":")
+    return f"sha256:{name}" if kind == "blob" else None
 
 
 def pack_chunk_index(chunks: Sequence[Chunk]) -> bytes:
@@ -241,16 +287,22 @@ class ContentStore:
 
     # -- Provider --------------------------------------------------------------------------
     def info(self, digest: str) -> BlobInfo:
+        """The blob's size and layout; NotFound when the store lacks it, Quarantined when it is corrupt."""
         parse_digest(digest)
         row = self.db.execute(
-            "SELECT digest, size, layout, cached, chunk_count FROM blobs WHERE digest = ?", (digest,)
+            "SELECT b.digest, size, layout, cached, chunk_count, reason, found_by, found FROM blobs b "
+            "LEFT JOIN quarantine q ON q.digest = b.digest WHERE b.digest = ?", (digest,)
         ).fetchone()
         if row is None:
             raise NotFound(f"blob {digest} is not in the store")
+        if row[5] is not None:
+            raise QuarantineRecord(digest, *row[5:]).error()
         return BlobInfo(row[0], row[1], row[2], bool(row[3]), row[4])
 
     def exists(self, digest: str) -> bool:
-        return self.db.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone() is not None
+        """Whether the store has the blob and serves it (a quarantined blob is to be fetched again)."""
+        return self.db.execute("SELECT 1 FROM blobs WHERE digest = ? AND digest NOT IN (SELECT digest FROM quarantine)",
+                               (digest,)).fetchone() is not None
 
     def chunk_index(self, digest: str) -> list[Chunk]:
         row = self.db.execute("SELECT records FROM chunk_indexes WHERE digest = ?", (digest,)).fetchone()
@@ -259,9 +311,23 @@ class ContentStore:
         return unpack_chunk_index(row[0])
 
     def read_bytes(self, digest: str) -> bytes:
-        """The whole content of a (small) blob: manifests, configurations."""
+        """The whole content of a (small) blob: manifests, configurations. Checked against its digest:
+        content that does not match quarantines the blob and raises Quarantined."""
         with self.open(digest) as f:
-            return f.read()
+            data = f.read()
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            path = self.blob_path(digest) if self.info(digest).has_file else None
+            raise self.quarantine(self.content_mismatch(digest, path, actual), "read")
+        return data
+
+    def content_mismatch(self, digest: str, path: Path | None, actual: str) -> Corruption:
+        """What is wrong with a blob whose bytes hash to `actual`: read from its file at path, or
+        assembled from its chunks (path None: the chunk index no longer describes the content)."""
+        if path is None:
+            return Corruption(digest, str(self.root / "index.db"), 0, None,
+                              f"has a chunk index of content with digest {actual}")
+        return Corruption(digest, str(path), 0, None, f"holds content with digest {actual}")
 
     def open(self, digest: str) -> BinaryIO:
         """A readable, seekable file object over the blob's bytes."""
@@ -437,6 +503,8 @@ class ContentStore:
 
     def _commit(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
         """Move a verified temp file into the store in the layout its chunks call for."""
+        if self.quarantine_record(digest) is not None:
+            return self._repair(tmp, digest, size, chunks)
         if self.exists(digest):
             return IngestResult(self.info(digest), new=False, stored_bytes=0)
         ids = list({cid for _, _, cid in chunks})
@@ -464,10 +532,9 @@ class ContentStore:
         """Which of ids this node's chunk map has."""
         return set(self.chunk_locations(ids))
 
-    def _commit_file(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
-        hexpart = parse_digest(digest)
-        final = self.blob_dir / hexpart
-        # Only a blob kept whole needs its temp file on disk; a chunked one keeps just a pack.
+    def _move_into_place(self, tmp: Path, digest: str) -> Path:
+        """Make a verified temp file the blob's whole, read-only file (durably); returns its path."""
+        final = self.blob_path(digest)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -478,7 +545,12 @@ class ContentStore:
         os.chmod(tmp, 0o444)
         os.replace(tmp, final)
         _fsync_dir(self.blob_dir)
-        location = f"blob:{hexpart}"
+        return final
+
+    def _commit_file(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
+        # Only a blob kept whole needs its temp file on disk; a chunked one keeps just a pack.
+        final = self._move_into_place(tmp, digest)
+        location = f"blob:{parse_digest(digest)}"
         try:
             with self.transaction() as tx:
                 self._insert_blob(tx, digest, size, "file", chunks)
@@ -560,7 +632,9 @@ class ContentStore:
                 for off, length, cid in self.chunk_index(info.digest):
                     data = self.read_chunk(cid)
                     if native.blake3(data) != cid:
-                        raise StoreError(f"chunk {cid.hex()} of blob {info.digest} is corrupt; run 'clowderctl fsck'")
+                        location, at, _ = self.chunk_locations([cid])[cid]
+                        where = Corruption(info.digest, str(self.location_path(location)), at, cid)
+                        raise self.quarantine(where, "materialize")
                     os.pwrite(out, data, off)
                 os.fsync(out)
             actual = "sha256:" + file_sha256(tmp)
@@ -575,6 +649,54 @@ class ContentStore:
             tmp.unlink(missing_ok=True)
         with self.transaction() as tx:
             tx.execute("UPDATE blobs SET cached = 1 WHERE digest = ?", (info.digest,))
+
+    # -- quarantine ------------------------------------------------------------------------
+    def quarantine(self, corruption: Corruption, found_by: str) -> Quarantined:
+        """Stop serving a blob whose stored bytes were found corrupt, and log it (once, however many
+        readers find it). Returns the error its readers get from now on, for the finder to raise.
+
+        Only the blob read is quarantined: another blob that shares the bad chunk through the chunk
+        map is quarantined when a read or the scrub comes to it."""
+        now = time.time()
+        with self.transaction() as tx:
+            added = tx.execute(
+                "INSERT OR IGNORE INTO quarantine (digest, reason, found_by, found) "
+                "SELECT digest, ?, ?, ? FROM blobs WHERE digest = ?",
+                (str(corruption), found_by, now, corruption.digest),
+            ).rowcount
+        if added:
+            log.error("corrupt blob quarantined", extra={
+                "digest": corruption.digest, "path": corruption.path, "offset": corruption.offset,
+                "chunk": corruption.chunk_id.hex() if corruption.chunk_id else None, "problem": corruption.problem,
+                "found_by": found_by})
+        return QuarantineRecord(corruption.digest, str(corruption), found_by, now).error()
+
+    def quarantine_record(self, digest: str) -> QuarantineRecord | None:
+        row = self.db.execute("SELECT digest, reason, found_by, found FROM quarantine WHERE digest = ?",
+                              (digest,)).fetchone()
+        return QuarantineRecord(*row) if row else None
+
+    def quarantined(self) -> list[QuarantineRecord]:
+        """Every blob in quarantine, by digest."""
+        rows = self.db.execute("SELECT digest, reason, found_by, found FROM quarantine ORDER BY digest")
+        return [QuarantineRecord(*r) for r in rows]
+
+    def _repair(self, tmp: Path, digest: str, size: int, chunks: list[Chunk]) -> IngestResult:
+        """Replace a quarantined blob's stored bytes with a verified temp file of its content. The blob
+        is kept whole from now on, and every chunk of it is read from that file: a chunk that was
+        corrupt in a pack or in another blob's file is then read from good bytes by every blob that
+        shares it. A model view keeps its link to the old file until it is made again."""
+        final = self._move_into_place(tmp, digest)
+        location = f"blob:{parse_digest(digest)}"
+        with self.transaction() as tx:
+            tx.execute("UPDATE blobs SET size = ?, layout = 'file', cached = 0, chunk_count = ? WHERE digest = ?",
+                       (size, len(chunks), digest))
+            tx.execute("UPDATE chunk_indexes SET records = ? WHERE digest = ?", (pack_chunk_index(chunks), digest))
+            tx.executemany("INSERT OR REPLACE INTO chunks (id, location, offset, length) VALUES (?, ?, ?, ?)",
+                           sorted((cid, location, off, length) for off, length, cid in chunks))
+            tx.execute("DELETE FROM quarantine WHERE digest = ?", (digest,))
+        log.warning("quarantined blob repaired", extra={"digest": digest, "path": str(final)})
+        return IngestResult(self.info(digest), new=True, stored_bytes=size)
 
     # -- Manager ---------------------------------------------------------------------------
     def blobs(self) -> list[BlobInfo]:

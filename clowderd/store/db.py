@@ -77,6 +77,15 @@ CREATE TABLE IF NOT EXISTS repository_manifests (
     PRIMARY KEY (repository, manifest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS repository_manifests_by_subject ON repository_manifests (subject);
+-- Blobs whose stored bytes a read, the scrub or fsck found corrupt (ContentStore.quarantine): not
+-- served until the same content is ingested again, which repairs them and removes the row. Added in
+-- schema version 1 without a bump: old stores get the table empty.
+CREATE TABLE IF NOT EXISTS quarantine (
+    digest   TEXT PRIMARY KEY REFERENCES blobs (digest) ON DELETE CASCADE,
+    reason   TEXT NOT NULL,     -- which chunk of which file, at which offset, and what is wrong with it
+    found_by TEXT NOT NULL,     -- what read it: oci-get, fetch-chunks, view, scrub, fsck, materialize
+    found    REAL NOT NULL
+);
 -- Model views handed to engines; each holds its manifest's blobs alive.
 CREATE TABLE IF NOT EXISTS views (
     name     TEXT PRIMARY KEY,

@@ -1,17 +1,29 @@
 """fsck: re-hash everything the store holds and name what is corrupt or missing.
 
-Each whole blob file is checked against its sha256 digest and each of its chunks against its
-BLAKE3 id; each chunked blob is checked chunk by chunk from wherever the chunk map says its bytes
-are, and then as a whole. The report names every bad blob and the images that use it.
+Every stored copy of every blob (its own file; for a chunked blob also its chunks from wherever the
+chunk map says they are) is read chunk by chunk against the blob's chunk index, then hashed whole
+against its sha256 digest. A blob found corrupt is quarantined (ContentStore.quarantine), as a read
+would; a blob in quarantine is named with what was found then. The report names every bad blob and
+the images that use it.
+
+The last report of a whole check of the store, by fsck or by a pass of the scrub (scrub.py), is kept in
+the store's root (save_last, load_last): `clowderctl fsck --last` prints it and a worker's heartbeat
+carries it, without checking anything again.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from clowderd import _native as native
-from clowderd.errors import ClowderError
-from clowderd.store.content import ContentStore, file_sha256
+from clowderd.errors import Quarantined, StoreError
+from clowderd.files import write_private
+from clowderd.store.content import BlobInfo, ContentStore, Corruption
+from clowderd.store.images import ImageIndex
+from clowderd.store.verify import stored_copies
 
 
 @dataclass
@@ -25,57 +37,69 @@ class Problem:
 class FsckReport:
     blobs_checked: int = 0
     bytes_checked: int = 0
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # every blob in quarantine when it finished
+    kind: str = "fsck"  # or "scrub"
+    started: float = 0.0  # Unix time
+    finished: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+LAST_REPORT = "last-check.json"  # in the store's root
+
+
 def check(store: ContentStore) -> FsckReport:
-    report = FsckReport()
+    report = FsckReport(started=time.time())
     with store.shared_lock():
+        quarantined = {q.digest for q in store.quarantined()}
         for info in store.blobs():
             report.blobs_checked += 1
             report.bytes_checked += info.size
-            what = _check_blob(store, info)
-            if what:
-                report.problems.append(Problem(info.digest, what, _images_using(store, info.digest)))
+            if info.digest not in quarantined:
+                try:
+                    _check_blob(store, info)
+                except Quarantined:
+                    pass
+    report.problems = quarantine_problems(store)
+    report.finished = time.time()
     return report
 
 
-def _check_blob(store: ContentStore, info) -> str | None:
-    expected = info.digest.split(":", 1)[1]
-    if info.has_file:
-        path = store.blob_path(info.digest)
-        if not path.exists():
-            return f"file {path} is missing"
-        if path.stat().st_size != info.size:
-            return f"file {path} has {path.stat().st_size:,} bytes, expected {info.size:,}"
-        actual = file_sha256(path)
-        if actual != expected:
-            return f"file {path} has digest sha256:{actual}"
-    if info.layout == "file":
+def quarantine_problems(store: ContentStore) -> list[Problem]:
+    """Every blob in quarantine, with what was found and the images that use it."""
+    index = ImageIndex(store)
+    return [Problem(q.digest, f"{q.reason} (quarantined by {q.found_by})", index.names_using(q.digest))
+            for q in store.quarantined()]
+
+
+def save_last(store: ContentStore, report: FsckReport) -> None:
+    """Keep report as the last check of the store (replacing the one before, whole)."""
+    write_private(store.root / LAST_REPORT, json.dumps(dataclasses.asdict(report), indent=1))
+
+
+def load_last(store_root: Path) -> FsckReport | None:
+    """The last check of the store at store_root; None when none has finished yet."""
+    path = Path(store_root) / LAST_REPORT
+    try:
+        doc = json.loads(path.read_text())
+        return FsckReport(**{**doc, "problems": [Problem(**p) for p in doc["problems"]]})
+    except FileNotFoundError:
         return None
-    # A chunked blob: every chunk from where the chunk map says it is, then the whole.
-    h = hashlib.sha256()
-    for offset, length, cid in store.chunk_index(info.digest):
-        try:
-            data = store.read_chunk(cid)
-        except (OSError, ClowderError) as exc:
-            return f"chunk {cid.hex()} at offset {offset:,} cannot be read: {exc}"
-        if len(data) != length or native.blake3(data) != cid:
-            return f"chunk {cid.hex()} at offset {offset:,} is corrupt"
-        h.update(data)
-    if h.hexdigest() != expected:
-        return f"chunks assemble to sha256:{h.hexdigest()}"
-    return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"{path}: cannot read the last check of the store: {exc}") from None
 
 
-def _images_using(store: ContentStore, digest: str) -> list[str]:
-    rows = store.db.execute(
-        "SELECT DISTINCT t.name FROM tags t JOIN manifest_blobs mb ON mb.manifest = t.manifest WHERE mb.blob = ? ORDER BY t.name",
-        (digest,),
-    )
-    return [r[0] for r in rows]
-
+def _check_blob(store: ContentStore, info: BlobInfo) -> None:
+    """Read every stored copy of the blob; Quarantined when one is corrupt."""
+    expected = info.digest.split(":", 1)[1]
+    for copy in stored_copies(store, info, "fsck"):
+        h = hashlib.sha256()
+        for i, j in copy.runs():
+            h.update(copy.read(i, j))
+        if copy.path is not None and (size := copy.path.stat().st_size) != info.size:
+            raise store.quarantine(Corruption(info.digest, str(copy.path), 0, None,
+                                              f"has {size:,} bytes, expected {info.size:,}"), "fsck")
+        if h.hexdigest() != expected:
+            raise store.quarantine(store.content_mismatch(info.digest, copy.path, "sha256:" + h.hexdigest()), "fsck")

@@ -142,6 +142,24 @@ class ImageIndex:
         rows = self.db.execute("SELECT blob FROM manifest_blobs WHERE manifest = ?", (manifest_digest,))
         return [r[0] for r in rows]
 
+    def artifact_type(self, manifest_digest: str) -> str | None:
+        """The artifact type the manifest was stored with; None when the store has no such manifest."""
+        row = self.db.execute("SELECT artifact_type FROM manifests WHERE digest = ?", (manifest_digest,)).fetchone()
+        return row[0] if row else None
+
+    def names_using(self, blob_digest: str, prefix: str = "") -> list[str]:
+        """The names ('repository:tag') starting with prefix whose image references the blob, sorted."""
+        rows = self.db.execute(
+            "SELECT DISTINCT t.name FROM tags t JOIN manifest_blobs mb ON mb.manifest = t.manifest "
+            "WHERE mb.blob = ? AND substr(t.name, 1, ?) = ? ORDER BY t.name",
+            (blob_digest, len(prefix), prefix),
+        )
+        return [r[0] for r in rows]
+
+    def tagged_repositories(self) -> list[str]:
+        """Every repository that has a tag, sorted."""
+        return sorted({r[0].rpartition(":")[0] for r in self.db.execute("SELECT name FROM tags")})
+
     # -- OCI repositories (the storage role's registry) --------------------------------------
     # A repository holds the blobs pushed or mounted into it, the manifests pushed into it, and
     # the manifests its tags ('repository:tag' rows of `tags`, shared with local builds) name.
@@ -156,7 +174,11 @@ class ImageIndex:
                               (repository, digest)).rowcount > 0
 
     def repository_has_blob(self, repository: str, digest: str) -> bool:
-        """Whether the repository holds the blob: pushed or mounted into it, or referenced by one
+        """Whether the repository holds the blob and the store serves it (see repository_references_blob)."""
+        return self.repository_references_blob(repository, digest) and self.store.exists(digest)
+
+    def repository_references_blob(self, repository: str, digest: str) -> bool:
+        """Whether the blob belongs to the repository: pushed or mounted into it, or referenced by one
         of its manifests (a locally built image that a tag of the repository names)."""
         lo, hi = _tag_range(repository)
         row = self.db.execute(
@@ -170,7 +192,7 @@ class ImageIndex:
                LIMIT 1""",
             (repository, digest, repository, digest, lo, hi, digest),
         ).fetchone()
-        return row is not None and self.store.exists(digest)
+        return row is not None
 
     def repository_manifest(self, repository: str, reference: str) -> tuple[str, str | None] | None:
         """(digest, media type it was pushed as, None for a local build) of the manifest that
@@ -249,7 +271,7 @@ class ImageIndex:
         """Every repository name that holds a manifest, a tag or a blob, sorted."""
         names = {r[0] for r in self.db.execute(
             "SELECT repository FROM repository_manifests UNION SELECT repository FROM repository_blobs")}
-        names.update(r[0].rpartition(":")[0] for r in self.db.execute("SELECT name FROM tags"))
+        names.update(self.tagged_repositories())
         return sorted(names)
 
     def referrers(self, repository: str, subject: str) -> list[tuple[str, str, str]]:

@@ -2,7 +2,8 @@
 
 N views of one base on a node cost one copy on disk and, since engines mmap safetensors, one copy
 in the page cache. Blob files are read-only, so an engine cannot change the store through a view.
-Each view holds its manifest's blobs alive until it is removed.
+Each view holds its manifest's blobs alive until it is removed. verify() checks every file of a view
+against its blob's chunk index, on all cores, before an engine loads it.
 
 Layout of a view of an aimage:
     <filepath of each model layer>                 the model directory, as it was built
@@ -20,9 +21,10 @@ import time
 from pathlib import Path, PurePosixPath
 
 from clowderd.aimage import mediatypes
-from clowderd.errors import InvalidInput, NotFound
+from clowderd.errors import InvalidInput, NotFound, Quarantined
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
+from clowderd.store.verify import BlobBytes, check_all
 
 VIEW_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -74,20 +76,14 @@ class ViewManager:
             if existing[0] != manifest_digest:
                 raise InvalidInput(f"view {name!r} already exists for another image ({existing[0]})")
             return final
-        manifest = self.index.manifest_bytes(manifest_digest)
-        files, config_digest = view_layout(manifest)
         with self.store.shared_lock():
             tmp = self.root / f".tmp-{name}-{secrets.token_hex(4)}"
             try:
                 tmp.mkdir()
-                for rel, digest in files.items():
+                for rel, digest in self.files(manifest_digest).items():
                     dst = tmp / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.link(self.store.path(digest), dst)
-                meta = tmp / "clowder"
-                meta.mkdir(exist_ok=True)
-                os.link(self.store.path(manifest_digest), meta / "manifest.json")
-                os.link(self.store.path(config_digest), meta / "config.json")
                 with self.store.transaction() as tx:
                     tx.execute(
                         "INSERT INTO views (name, manifest, created) VALUES (?, ?, ?)",
@@ -98,6 +94,26 @@ class ViewManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return final
+
+    def files(self, manifest_digest: str) -> dict[str, str]:
+        """Each file of a view of the image (its path in the view) and the blob it is a link to."""
+        files, config_digest = view_layout(self.index.manifest_bytes(manifest_digest))
+        return {**files, "clowder/manifest.json": manifest_digest, "clowder/config.json": config_digest}
+
+    def verify(self, name: str, threads: int = 0) -> list[Quarantined]:
+        """Check every file of view `name` against its blob's chunk index, on `threads` threads (0: one
+        per CPU), so that an engine never loads corrupt weights. A corrupt blob is quarantined (and
+        logged) by the store; returns the error naming each."""
+        row = self.store.db.execute("SELECT manifest FROM views WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"view {name!r} does not exist")
+        corrupt, blobs = [], []
+        for rel, digest in self.files(row[0]).items():
+            try:
+                blobs.append(BlobBytes(self.store, digest, "view", path=self.root / name / rel))
+            except Quarantined as exc:  # since the view was made
+                corrupt.append(exc)
+        return corrupt + check_all(blobs, threads)
 
     def remove(self, name: str) -> None:
         if self.store.db.execute("SELECT 1 FROM views WHERE name = ?", (name,)).fetchone() is None:

@@ -63,4 +63,4 @@ def pull_image(store: ContentStore, spec: common_pb2.ReplicaSpec, pull_from: str
         except Exception as e:  # each source fails on its own; the next one may have the image
             log.warning("pull failed", extra={"image": spec.image, "source": source, "error": str(e)})
             failures.append(f"{source}: {e}")
-    raise NotFound(f"{what} is not in this node's store and could not be pulled: " + "; ".join(failures))
+    raise NotFound(f"{what} could not be pulled: " + "; ".join(failures))

@@ -3,6 +3,7 @@
 States (clowder.v1.ReplicaState):
 
     PENDING -> PULLING (only when the image is not in the local store) -> LOADING -> READY
+    LOADING -> PULLING (a corrupt blob is fetched again) -> LOADING
     READY -> DRAINING (UnloadReplica: no new requests, in-flight ones get the grace period) -> STOPPED
     any state -> FAILED (the reason in `message`; the engine is gone and the view removed)
     FAILED -> STOPPED (UnloadReplica)
@@ -11,6 +12,11 @@ Each replica has one task that owns its place on an engine host and its model vi
 last: it pulls, builds the view (named after the replica), joins the engine host of its base (started
 for it when no other replica has that base loaded, see engines.py) with its EP layers, serves until the
 engine exits or a stop is asked for, and then leaves the host and removes the view, whatever happened.
+
+Before an engine loads a view, every file of it is checked against its blob's chunk index (on all
+cores). A blob that is corrupt (found then, or quarantined earlier by another reader or the scrub) is
+fetched again from the replica's sources, which repairs it in the store, and the view is made anew; a
+blob that cannot be fetched again fails the replica, naming it.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from clowderd.aimage.manifest import parse_manifest
 from clowderd.engines.base import Event, GenerateRequest
 from clowderd.engines.client import EngineClient, describe_status
 from clowderd.engines.errors import EngineCrashed, EngineError, InvalidRequest
-from clowderd.errors import ClowderError, InvalidInput, NotFound
+from clowderd.errors import ClowderError, InvalidInput, NotFound, Quarantined, StoreError
 from clowderd.store.content import ContentStore
 from clowderd.store.images import ImageIndex
 from clowderd.store.views import ViewManager
@@ -239,7 +245,7 @@ class ReplicaManager:
             replica.set_state(S.REPLICA_STATE_PULLING, f"pulling {describe_image(replica)}")
             digest = await asyncio.to_thread(images.pull_image, self.store, spec, self.pull_from, self.dialer)
         replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
-        view = await asyncio.to_thread(self._create_view, replica.id, digest)
+        view = await self._checked_view(replica, digest)
         replica.view = replica.id
         if replica.stopping:
             return
@@ -252,6 +258,57 @@ class ReplicaManager:
             sharing = f", its base shared with {', '.join(map(repr, others))}" if others else ""
             replica.set_state(S.REPLICA_STATE_READY, f"engine {key.engine} serving {describe_image(replica)} "
                                                      f"(pid {replica.client.pid}){sharing}")
+
+    async def _checked_view(self, replica: Replica, digest: str) -> Path:
+        """The replica's view, every blob in it checked. Corrupt blobs are fetched again; each at most once
+        (a corrupt manifest hides the rest of the image until it is fetched again: a round may find more)."""
+        fetched: set[str] = set()
+        while True:
+            view, corrupt = await asyncio.to_thread(self._view_if_whole, replica.id, digest)
+            if not corrupt:
+                if fetched:
+                    log.info("corrupt blobs fetched again", extra={"replica": replica.id, "blobs": sorted(fetched)})
+                return view
+            digests = [e.digest for e in corrupt]
+            named = await asyncio.to_thread(self._name_blobs, digest, digests)
+            blobs, are = (f"blob {named} of {describe_image(replica)}", "is") if len(corrupt) == 1 else \
+                (f"blobs {named} of {describe_image(replica)}", "are")
+            if fetched & set(digests):
+                raise StoreError(f"{blobs} {are} still corrupt on this node after fetching again: "
+                                 + "; ".join(map(str, corrupt)))
+            log.warning("fetching corrupt blobs again", extra={"replica": replica.id, "blobs": digests})
+            replica.set_state(S.REPLICA_STATE_PULLING, f"fetching again the corrupt {blobs}")
+            try:
+                await asyncio.to_thread(images.pull_image, self.store, replica.spec, self.pull_from, self.dialer)
+            except ClowderError as e:
+                raise StoreError(f"{blobs} {are} corrupt on this node and could not be fetched again: {e}") from None
+            fetched.update(digests)
+            replica.set_state(S.REPLICA_STATE_LOADING, f"loading {describe_image(replica)}")
+
+    def _view_if_whole(self, name: str, digest: str) -> tuple[Path | None, list[Quarantined]]:
+        """(the view, []) when every blob of the image checks out; else (None, an error naming each
+        corrupt blob) and no view."""
+        blobs = set(self.views.index.image_blobs(digest))
+        quarantined = [record.error() for record in self.store.quarantined() if record.digest in blobs]
+        if quarantined:
+            return None, quarantined
+        try:
+            view = self._create_view(name, digest)
+        except Quarantined as exc:  # the manifest or the configuration, read whole to make the view
+            return None, [exc]
+        corrupt = self.views.verify(name)
+        if corrupt:
+            self.views.remove(name)
+            return None, corrupt
+        return view, []
+
+    def _name_blobs(self, digest: str, blobs: list[str]) -> str:
+        """'DIGEST (its file in the view), ...' for blobs of the image."""
+        try:
+            files = {blob: rel for rel, blob in self.views.files(digest).items()}
+        except ClowderError:  # the manifest itself is corrupt
+            files = {digest: "clowder/manifest.json"}
+        return ", ".join(f"{blob} ({files[blob]})" if blob in files else blob for blob in blobs)
 
     def _create_view(self, name: str, digest: str) -> Path:
         # A view of this name can only be left over from a clowderd that did not shut down

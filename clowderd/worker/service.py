@@ -1,7 +1,8 @@
 """The worker role: clowder.v1.Worker over this node's replicas (replicas.py), and its part of the node's
 membership session: report the replicas, run those the controller assigns (assignments.py).
 
-The worker opens the node's content store at <data_dir>/store (model views are hard links into it).
+The worker opens the node's content store at <data_dir>/store (model views are hard links into it),
+and scrubs it in the background unless the storage role does (clowderd.store.scrub).
 At shutdown the membership session stops first; once the servers have stopped taking calls, every
 replica is unloaded (engine hosts exit, views are removed), then the store is closed.
 """
@@ -20,6 +21,7 @@ from clowderd.engines.base import Finished
 from clowderd.engines.errors import AdapterError, EngineError, InvalidRequest
 from clowderd.errors import InvalidInput, NotFound
 from clowderd.server import StatusCodes
+from clowderd.store import scrub
 from clowderd.store.content import ContentStore
 from clowderd.worker.assignments import Assignments
 from clowderd.worker.engine_requests import engine_request
@@ -136,6 +138,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     """Add the worker role's services to its server, and its part to the node's membership session."""
     config = process.config
     store = ContentStore(Path(config.data_dir) / "store")
+    scrub.run_in(process, store, "worker")
     replicas = ReplicaManager(store, config.worker_pull_from, process.dialer)
     servicer = WorkerServicer(replicas, config.node_name)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)

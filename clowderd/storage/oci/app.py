@@ -4,6 +4,13 @@ One handler per endpoint (end-1..end-13 of the spec); each parses its own reques
 repository name and the caller's access, and answers or raises OCIError (errors.py renders it).
 Store calls that touch the disk or hash run in threads; the store gives each thread its own
 index connection.
+
+A blob's bytes are sent as read against its chunk index (clowderd.store.verify), whole or ranged: a
+chunk that does not check out ends the response before its bytes, so the client gets fewer bytes than
+Content-Length and a closed connection, never a complete-looking corrupt body; the store quarantines
+the blob and logs it, and from then on the blob is BLOB_UNKNOWN here, saying why, until a push of it
+repairs it. A manifest is checked against its digest when it is read, and is MANIFEST_UNKNOWN once
+found corrupt.
 """
 from __future__ import annotations
 
@@ -19,12 +26,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from clowderd.errors import NotFound, StoreError
-from clowderd.store.content import ContentStore
+from clowderd.errors import NotFound, Quarantined, StoreError
 from clowderd.store.images import ImageIndex
+from clowderd.store.protocols import Provider
+from clowderd.store.verify import BlobBytes
 from clowderd.storage.oci import manifests as mf
 from clowderd.storage.oci.auth import Authorizer
 from clowderd.storage.oci.errors import OCIError, error_response, handle_http_exception, handle_oci_error
@@ -34,7 +42,6 @@ from clowderd.storage.oci.uploads import UploadSessions, range_header
 log = logging.getLogger("clowderd.storage.oci")
 
 API_VERSION_HEADERS = [(b"docker-distribution-api-version", b"registry/2.0")]
-READ_CHUNK = 1 << 20
 MAX_PAGE = 10_000
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
@@ -42,14 +49,10 @@ _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
 
 @dataclass
 class Registry:
-    store: ContentStore
+    store: Provider
     index: ImageIndex
     sessions: UploadSessions
     auth: Authorizer
-
-
-class BlobFileResponse(FileResponse):
-    chunk_size = READ_CHUNK
 
 
 def _registry(request: Request) -> Registry:
@@ -134,18 +137,40 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def _read_blob(store: ContentStore, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(store.open, digest)
+class CheckedBlobResponse(StreamingResponse):
+    """Bytes start..end of a blob, sent a run of whole chunks at a time as they are read and checked,
+    the next run read in a worker thread while this one is sent. A run that does not check out ends
+    the response without its last message: the server closes the connection short of Content-Length
+    (uvicorn logs that the response was not completed; the store has logged the blob)."""
+
+    def __init__(self, blob: BlobBytes, start: int, end: int, status_code: int, headers: dict[str, str]):
+        super().__init__(_checked_pieces(blob, start, end), status_code=status_code, headers=headers)
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for piece in self.body_iterator:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        except Quarantined:
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _checked_pieces(blob: BlobBytes, start: int, end: int) -> AsyncIterator[memoryview]:
+    loop = asyncio.get_running_loop()
+    runs = blob.runs(start, end + 1)
+    ahead = None
     try:
-        await asyncio.to_thread(f.seek, start)
-        while length > 0:
-            data = await asyncio.to_thread(f.read, min(READ_CHUNK, length))
-            if not data:
-                raise StoreError(f"blob {digest} ended {length} bytes early")
-            length -= len(data)
-            yield data
+        for k, (i, j) in enumerate(runs):
+            data = await (ahead or loop.run_in_executor(None, blob.read, i, j))
+            ahead = loop.run_in_executor(None, blob.read, *runs[k + 1]) if k + 1 < len(runs) else None
+            first = blob.chunks[i][0]  # the run holds whole chunks: cut it to the range asked for
+            # A view, not bytes: the transport keeps what the socket does not take at once without
+            # first copying it out of a bytes slice.
+            yield memoryview(data)[max(start - first, 0) : end + 1 - first]
     finally:
-        f.close()
+        if ahead is not None:  # the client went away, or this run was corrupt: drop the next one
+            ahead.cancel()
 
 
 async def get_blob(request: Request) -> Response:
@@ -153,25 +178,25 @@ async def get_blob(request: Request) -> Response:
     digest = check_digest(request.path_params["digest"])
     reg = _registry(request)
     unknown = OCIError("BLOB_UNKNOWN", f"blob {digest} is not in repository {name}", detail={"digest": digest})
-    if not await asyncio.to_thread(reg.index.repository_has_blob, name, digest):
+    if not await asyncio.to_thread(reg.index.repository_references_blob, name, digest):
         raise unknown
     try:
-        info = await asyncio.to_thread(reg.store.info, digest)
+        blob = await asyncio.to_thread(BlobBytes, reg.store, digest, "oci-get") if request.method == "GET" else None
+        info = blob.info if blob else await asyncio.to_thread(reg.store.info, digest)
+    except Quarantined as exc:
+        raise OCIError("BLOB_UNKNOWN", str(exc), detail={"digest": digest, "quarantined": True}) from None
     except NotFound:
         raise unknown from None
     headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
                "ETag": f'"{digest}"', "Cache-Control": "max-age=31536000, immutable"}
-    if request.method == "HEAD":
+    if blob is None:
         return Response(headers={**headers, "Content-Length": str(info.size)})
     wanted = _parse_range(request.headers.get("range"), info.size)
-    if wanted is None and info.has_file:
-        return BlobFileResponse(reg.store.blob_path(digest), headers=headers, media_type="application/octet-stream")
     start, end = wanted or (0, info.size - 1)
     headers["Content-Length"] = str(end - start + 1)
     if wanted:
         headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
-    return StreamingResponse(_read_blob(reg.store, digest, start, end - start + 1),
-                             status_code=206 if wanted else 200, headers=headers)
+    return CheckedBlobResponse(blob, start, end, status_code=206 if wanted else 200, headers=headers)
 
 
 async def delete_blob(request: Request) -> Response:
@@ -291,7 +316,11 @@ async def get_manifest(request: Request) -> Response:
     name = _repository(request, "read")
     reg = _registry(request)
     digest, media_type = await _find_manifest(reg, name, request.path_params["reference"])
-    body = await asyncio.to_thread(reg.store.read_bytes, digest)
+    try:
+        body = await asyncio.to_thread(reg.store.read_bytes, digest)
+    except Quarantined as exc:
+        raise OCIError("MANIFEST_UNKNOWN", str(exc), detail={"name": name, "digest": digest, "quarantined": True}) \
+            from None
     return Response(body, headers={"Docker-Content-Digest": digest, "Content-Type": media_type or mf.media_type_of(body),
                                    "ETag": f'"{digest}"'})
 
@@ -374,7 +403,10 @@ async def list_referrers(request: Request) -> Response:
     for digest, media_type, artifact_type in await asyncio.to_thread(reg.index.referrers, name, subject):
         if wanted is not None and artifact_type != wanted:
             continue
-        body = await asyncio.to_thread(reg.store.read_bytes, digest)
+        try:
+            body = await asyncio.to_thread(reg.store.read_bytes, digest)
+        except Quarantined:
+            continue  # logged when it was found; it is listed again once a push repairs it
         descriptor = {"mediaType": media_type, "digest": digest, "size": len(body)}
         if artifact_type:
             descriptor["artifactType"] = artifact_type

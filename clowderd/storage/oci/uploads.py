@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable
 
 from clowderd.aimage.safetensors import content_cuts
 from clowderd.errors import DigestMismatch, StoreError
-from clowderd.store.content import ContentStore, IngestResult
+from clowderd.store.content import IngestResult
+from clowderd.store.protocols import Ingester
 from clowderd.store.writer import BlobWriter
 from clowderd.storage.oci.errors import OCIError
 
@@ -51,7 +52,7 @@ def _commit(ingest: BlobWriter, digest: str) -> IngestResult:
 
 
 class UploadSessions:
-    def __init__(self, store: ContentStore, expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
+    def __init__(self, store: Ingester, expiry_seconds: float = DEFAULT_EXPIRY_SECONDS,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.expiry_seconds = expiry_seconds
