@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import ssl
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import httpx
