@@ -144,7 +144,6 @@ def main() -> None:
         src = f"clowder://{node.addresses['storage']}"
 
         best = {"clowder": float("inf"), "skopeo": float("inf"), "curl": float("inf")}
-        clean = None
         for _ in range(args.repeat):  # the last clowder pull's dst-1 gets the variant below
             for d in (work / "dst-1", work / "skopeo", work / "curl.blob"):
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
