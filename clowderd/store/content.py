@@ -3,8 +3,9 @@
 Read it as three small interfaces, after containerd's content store (clowderd.store.protocols names
 them for callers, who use these methods and never the store's tables):
 - Provider: info(), exists(), read_bytes(), open(), chunk_index(), path()
-- Ingester: ingest_file(), ingest_bytes(): write to a temp file, check the digest, fsync, rename
-- Manager: blobs(), delete() (used by gc), usage(), quarantined()
+- Ingester: ingest_file(), ingest_bytes(): write to a temp file, check the digest, fsync, rename;
+  writer(): a resumable ingest by ref (clowderd.store.writer)
+- Manager: blobs(), usage(), quarantined() (gc, store/gc.py, removes what nothing references)
 
 A blob whose stored bytes a reader finds corrupt (a chunk that does not hash to its id in the blob's
 chunk index) is quarantined (quarantine()): it stays in the index, but exists() says no and info(),
