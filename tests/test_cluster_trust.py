@@ -5,6 +5,7 @@ restart, and `insecure = true` is said at every start."""
 from __future__ import annotations
 
 import datetime as dt
+import queue
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from clowderd.trust.identity import Material, NodeIdentity
 from tests.clowderd_proc import ClowderdProcess
 from tests.cluster_fixtures import clowderctl, clowderctl_env, start_node, token_file, wait_for
 from tests.test_controller_deployments import GRACE, INTERVAL, LOAD_TIMEOUT, Admin, start_controller
-from tests.trust_fixtures import channel_as, served_serial
+from tests.trust_fixtures import channel_as, issue_identity, served_serial
 from tests.worker_fixtures import build_chat_image
 
 QUESTION = inference_pb2.ChatCompletionRequest(messages=[inference_pb2.ChatMessage(role="user", content="hi")])
@@ -151,6 +152,28 @@ def _error(call) -> grpc.RpcError | None:
     except grpc.RpcError as e:
         return e
     return None
+
+
+def test_a_certificate_that_ends_while_its_complete_call_is_open_is_refused_at_the_next_request(cluster):
+    controller, node, replica_id = cluster
+    lifetime = 8.0
+    ends = time.time() + lifetime
+    as_lb = Dialer(issue_identity(controller, ("lb",), lifetime=dt.timedelta(seconds=lifetime)))
+    channel = as_lb.channel(node.addresses["worker"], "worker")
+    node.adopt(channel)
+    requests: queue.Queue = queue.Queue()
+    answers = worker_pb2_grpc.WorkerStub(channel).Complete(iter(requests.get, None), timeout=60)
+    request = worker_pb2.GenerateRequest(replica_id=replica_id, request_id="t", chat=inference_pb2.ChatCompletionRequest(
+        messages=QUESTION.messages, sampling=inference_pb2.SamplingParams(max_tokens=3)))
+    requests.put(worker_pb2.CompleteRequest(tag=1, request=request))
+    first = next(answers)
+    assert first.tag == 1 and first.status_code == 0 and first.response.finish_reason
+    wait_for("the certificate's end", lambda: time.time() > ends + 0.5, timeout=lifetime + 5)
+    requests.put(worker_pb2.CompleteRequest(tag=2, request=request))
+    error = refused(lambda: next(answers))
+    requests.put(None)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "certificate expired" in error.details()
+    assert any(r["method"] == "/clowder.v1.Worker/Complete" for r in refusals(node))
 
 
 def test_the_controllers_own_node_cannot_be_revoked(clowderd, tmp_path):

@@ -240,16 +240,22 @@ def test_generate_on_a_replica_not_ready_is_unavailable_with_its_state(worker):
     assert "FAILED" in e.value.details() and "nosuch" in e.value.details()
 
 
-def test_complete_answers_in_one_message_what_generate_streams(worker, ready):
+def test_complete_answers_each_request_on_its_call_in_one_message_by_its_tag(worker, ready):
     streamed = worker.generate(ready, "Hello", max_tokens=12)
-    whole = worker.stub.Complete(chat_request(ready, "Hello", max_tokens=12), timeout=30)
-    assert whole.text == text_of(streamed) and whole.text
-    assert whole.finish_reason == streamed[-1].finish_reason
-    assert whole.usage == next(r.usage for r in streamed if r.HasField("usage"))
-    assert whole.HasField("queue_time")
-    with pytest.raises(grpc.RpcError) as e:
-        worker.stub.Complete(chat_request("nobody-0", "Hello"), timeout=30)
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    requests = [worker_pb2.CompleteRequest(tag=7, request=chat_request(ready, "Hello", max_tokens=12)),
+                worker_pb2.CompleteRequest(tag=8, request=chat_request("nobody-0", "Hello")),
+                worker_pb2.CompleteRequest(tag=9, request=chat_request(ready, "Hello", max_tokens=12))]
+    answers = {a.tag: a for a in worker.stub.Complete(iter(requests), timeout=30)}
+    assert sorted(answers) == [7, 8, 9]  # the call ends once every request sent on it is answered
+    for tag in (7, 9):
+        whole = answers[tag].response
+        assert answers[tag].status_code == 0
+        assert whole.text == text_of(streamed) and whole.text
+        assert whole.finish_reason == streamed[-1].finish_reason
+        assert whole.usage == next(r.usage for r in streamed if r.HasField("usage"))
+        assert whole.HasField("queue_time")
+    assert answers[8].status_code == grpc.StatusCode.NOT_FOUND.value[0] and "nobody-0" in answers[8].status_message
+    assert not answers[8].HasField("response")
 
 
 def test_an_adapter_selected_by_digest_answers_differently_from_the_base(worker, ready):

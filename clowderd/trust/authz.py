@@ -38,6 +38,16 @@ def caller() -> certs.Holder | None:
     return _caller.get()
 
 
+def lapsed(holder: certs.Holder, revocations: "Revocations") -> str | None:
+    """Why holder's certificate is no longer good (revoked, or past its end), or None. A servicer that
+    takes many requests on one call asks it again for each, since a call may outlive a certificate."""
+    if holder.serial in revocations:
+        return f"certificate revoked: serial {holder.serial} of node {holder}"
+    if time.time() > holder.not_after:
+        return f"certificate expired: serial {holder.serial} of node {holder}"
+    return None
+
+
 class Revocations:
     """Serial numbers (hex) of the certificates the cluster revoked and that have not expired; replaced
     whole when the controller says it changed."""
@@ -122,12 +132,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
             why = ("no client certificate was presented" if not pems else
                    "the client certificate names no node of this cluster")
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, None)
-        if holder.serial in self.revocations:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method,
-                               f"certificate revoked: serial {holder.serial} of node {holder}", holder)
-        if time.time() > holder.not_after:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method,
-                               f"certificate expired: serial {holder.serial} of node {holder}", holder)
+        why = lapsed(holder, self.revocations)
+        if why:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, holder)
         roles = self._open.get(method)
         if not roles or not holder.has_role(*roles):
             opened = f"open to {', '.join(sorted(roles))}" if roles else "not open to other nodes"

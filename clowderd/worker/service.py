@@ -8,7 +8,9 @@ replica is unloaded (engine hosts exit, views are removed), then the store is cl
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
@@ -23,12 +25,15 @@ from clowderd.errors import InvalidInput, NotFound
 from clowderd.server import StatusCodes
 from clowderd.store import scrub
 from clowderd.store.content import ContentStore
+from clowderd.trust import authz
 from clowderd.worker.assignments import Assignments
 from clowderd.worker.engine_requests import engine_request
 from clowderd.worker.replicas import Replica, ReplicaManager, ReplicaUnavailable
 
 if TYPE_CHECKING:
     from clowderd.server import Process
+
+log = logging.getLogger(__name__)
 
 DEFAULT_UNLOAD_GRACE_S = 5.0
 
@@ -45,9 +50,10 @@ HANDLED, status_code = STATUS_CODES.handled, STATUS_CODES.code
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, replicas: ReplicaManager, node_name: str):
+    def __init__(self, replicas: ReplicaManager, node_name: str, revocations: authz.Revocations):
         self.replicas = replicas
         self.node_name = node_name
+        self.revocations = revocations
 
     def status(self, replica: Replica) -> common_pb2.ReplicaStatus:
         since = timestamp_pb2.Timestamp()
@@ -85,12 +91,55 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except HANDLED as e:
             await context.abort(status_code(e), str(e))
 
-    async def Complete(self, request: worker_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> worker_pb2.GenerateResponse:
+    async def Complete(self, requests: AsyncIterator[worker_pb2.CompleteRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.CompleteResponse]:
+        """Each request runs in a task of its own; each answer goes out when its request ends. The
+        caller's certificate was checked when the call began, and is checked again at each request."""
+        holder = authz.caller()
+        answers: asyncio.Queue[worker_pb2.CompleteResponse | str | None] = asyncio.Queue()
+        running: dict[int, asyncio.Task] = {}
+
+        async def answer(tag: int, request: worker_pb2.GenerateRequest) -> None:
+            out = worker_pb2.CompleteResponse(tag=tag)
+            try:
+                out.response.CopyFrom(await complete_response(self.replicas, request))
+            except HANDLED as e:
+                out.status_code, out.status_message = status_code(e).value[0], str(e)
+            except Exception as e:  # one request's failure must not end the others on the call
+                log.exception("request failed", extra={"request": request.request_id})
+                out.status_code = grpc.StatusCode.INTERNAL.value[0]
+                out.status_message = f"internal error: {type(e).__name__}: {e}"
+            answers.put_nowait(out)
+
+        async def take() -> None:
+            try:
+                async for message in requests:
+                    why = holder and authz.lapsed(holder, self.revocations)
+                    if why:
+                        answers.put_nowait(why)
+                        return
+                    if message.HasField("request"):
+                        task = running[message.tag] = asyncio.create_task(answer(message.tag, message.request))
+                        task.add_done_callback(lambda _, tag=message.tag: running.pop(tag, None))
+                    elif message.cancel and message.tag in running:
+                        running[message.tag].cancel()
+                await asyncio.gather(*running.values(), return_exceptions=True)  # the caller is done sending
+            finally:
+                answers.put_nowait(None)
+
+        taking = asyncio.create_task(take())
         try:
-            return await complete_response(self.replicas, request)
-        except HANDLED as e:
-            await context.abort(status_code(e), str(e))
+            while (out := await answers.get()) is not None:
+                if isinstance(out, str):
+                    log.warning("call refused", extra={"listener": "worker", "peer": context.peer(),
+                                                       "method": "/clowder.v1.Worker/Complete", "reason": out,
+                                                       "caller": str(holder)})
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, out)
+                yield out
+        finally:
+            taking.cancel()
+            for task in list(running.values()):
+                task.cancel()
 
 
 async def generate_responses(replicas: ReplicaManager,
@@ -117,7 +166,7 @@ async def generate_responses(replicas: ReplicaManager,
 
 
 async def complete_response(replicas: ReplicaManager, request: worker_pb2.GenerateRequest) -> worker_pb2.GenerateResponse:
-    """Worker.Complete's answer: Generate's messages as one (their text joined, the last finish reason and
+    """One answer of Worker.Complete: Generate's messages as one (their text joined, the last finish reason and
     usage, the first queue time). Raises the errors of STATUS_CODES."""
     whole = worker_pb2.GenerateResponse(index=0)
     texts = []
@@ -140,7 +189,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     store = ContentStore(Path(config.data_dir) / "store")
     scrub.run_in(process, store, "worker")
     replicas = ReplicaManager(store, config.worker_pull_from, process.dialer)
-    servicer = WorkerServicer(replicas, config.node_name)
+    servicer = WorkerServicer(replicas, config.node_name, process.revocations)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     # Generation is the lb's (the middleware chain runs there; an lb in this process calls the replicas
     # directly); what runs where is the controller's.
