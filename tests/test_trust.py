@@ -186,6 +186,37 @@ def test_a_renewed_certificate_is_served_from_the_next_handshake_without_a_resta
     asyncio.run(scenario())
 
 
+def test_an_identity_save_stopped_at_any_step_loads_as_a_whole_or_not_at_all(ca: ClusterCA, tmp_path):
+    saved = identity_for(ca, "node-w", ("worker",), directory=tmp_path / "w")
+    directory = tmp_path / "w" / "identity"
+    old_key, old_cert = (directory / "key.pem").read_bytes(), (directory / "cert.pem").read_bytes()
+    key = certs.new_key()
+    cert = ca.issue(key.public_key(), node_id="node-w", name="node-w", roles=("worker",), lifetime=LIFETIME)
+    new_key, new_cert = certs.key_pem(key), certs.certificate_pem(cert)
+
+    # A renewal stopped after its new key, before its certificate: the old pair.
+    (directory / "key.pem.next").write_bytes(new_key)
+    loaded = NodeIdentity.load(tmp_path / "w")
+    assert (loaded.material.key, loaded.material.cert) == (old_key, old_cert)
+    # ... after its certificate, before the key's rename: the new pair.
+    (directory / "cert.pem").write_bytes(new_cert)
+    loaded = NodeIdentity.load(tmp_path / "w")
+    assert (loaded.material.key, loaded.material.cert) == (new_key, new_cert)
+    assert (directory / "key.pem").read_bytes() == old_key  # loading writes nothing
+    # A renewal that ended leaves no key aside.
+    saved.renewed(Material(new_key, new_cert, ca.bundle))
+    assert not (directory / "key.pem.next").exists()
+    assert NodeIdentity.load(tmp_path / "w").material.key == new_key
+
+    # A key that is not the certificate's, and no other: damaged, named.
+    (directory / "key.pem").write_bytes(old_key)
+    with pytest.raises(ClowderError, match="key.pem: not the key of .*cert.pem"):
+        NodeIdentity.load(tmp_path / "w")
+    # A first save stopped before node.json: no identity (the node joins again).
+    (directory / "node.json").unlink()
+    assert NodeIdentity.load(tmp_path / "w") is None
+
+
 def test_the_ca_is_taken_only_when_its_fingerprint_is_the_tokens(ca: ClusterCA, tmp_path: Path):
     async def scenario():
         async with Server(identity_for(ca, "node-c", ("controller",)), client_certificates=False, open_to=()) as server:

@@ -2,6 +2,11 @@
 certificates the cluster trusts. Kept in DATA_DIR/identity (key.pem mode 0600, cert.pem, ca.pem, and
 node.json with where the controller's cluster listener is), so a restarted node is the same node.
 
+Each file is replaced whole, and in an order that a crash, or a reader in another process, can never
+catch half-way: a renewal's new key goes to key.pem.next, then its certificate to cert.pem, then the key
+is renamed over key.pem (load() takes key.pem.next where only it matches cert.pem); node.json is
+written last, so that an identity without it is one whose first save did not end (none).
+
 The TLS credentials of the node's listeners are dynamic: a certificate renewed while the process runs
 is presented from the next handshake on, with no restart. Channels are made with the credentials of
 the moment; `generation` changes at each renewal, so that holders of long-lived channels know to make
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY_DIR = "identity"
 KEY_FILE, CERT_FILE, CA_FILE, NODE_FILE = "key.pem", "cert.pem", "ca.pem", "node.json"
+NEXT_KEY_FILE = "key.pem.next"
 RENEW_AT = 2 / 3  # of a certificate's lifetime, as kubelet does around 70-90 %
 
 
@@ -68,20 +75,20 @@ class NodeIdentity:
     @classmethod
     def load(cls, data_dir: Path) -> "NodeIdentity | None":
         """The identity kept under data_dir; None when there is none. ClowderError when it is there but
-        cannot be used (unreadable, damaged), naming the file."""
+        cannot be used (unreadable, damaged), naming the file. Never writes."""
         directory = Path(data_dir) / IDENTITY_DIR
-        if not (directory / CERT_FILE).exists():
-            return None
+        if not ((directory / NODE_FILE).exists() and (directory / CERT_FILE).exists()):
+            return None  # none, a first save that did not end, or a node of an insecure cluster
         try:
-            material = Material(*((directory / name).read_bytes() for name in (KEY_FILE, CERT_FILE, CA_FILE)))
+            cert, ca = ((directory / name).read_bytes() for name in (CERT_FILE, CA_FILE))
+            key = _key_of(directory, cert)
             node = json.loads((directory / NODE_FILE).read_text())
-            identity = cls(material, str(node.get("cluster_address", "")), directory)
+            identity = cls(Material(key, cert, ca), str(node.get("cluster_address", "")), directory)
         except OSError as e:
             raise ClowderError(f"cannot read the node identity in {directory}: {e.strerror} ({e.filename})") from None
         except (ValueError, InvalidInput) as e:
             raise ClowderError(f"the node identity in {directory} is damaged: {e}; remove the directory and the "
                                "node joins again with the join token") from None
-        certs.load_key(material.key, str(directory / KEY_FILE))
         return identity
 
     @classmethod
@@ -95,10 +102,9 @@ class NodeIdentity:
             return
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         m = self.material
-        # The key and certificate first, node.json last: load() starts from cert.pem, and a crash in
-        # between leaves a pair that belongs together (a new key is written before its certificate).
-        write_whole(self.directory / KEY_FILE, m.key)
+        write_whole(self.directory / NEXT_KEY_FILE, m.key)
         write_whole(self.directory / CERT_FILE, m.cert, 0o644)
+        os.replace(self.directory / NEXT_KEY_FILE, self.directory / KEY_FILE)
         write_whole(self.directory / CA_FILE, m.ca, 0o644)
         write_whole(self.directory / NODE_FILE, json.dumps(
             {"node_id": self.holder.node_id, "cluster_address": self.cluster_address}).encode())
@@ -147,3 +153,18 @@ class NodeIdentity:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         m = self.material
         return grpc.ssl_channel_credentials(root_certificates=m.ca, private_key=m.key, certificate_chain=m.cert)
+
+
+def _key_of(directory: Path, cert_pem: bytes) -> bytes:
+    """The key of cert.pem: key.pem, or key.pem.next where a save stopped between the certificate and the
+    rename of its key."""
+    public = certs.load_certificate(cert_pem, str(directory / CERT_FILE)).public_key()
+    candidates = [directory / KEY_FILE, directory / NEXT_KEY_FILE]
+    for path in candidates:
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        if certs.load_key(pem, str(path)).public_key() == public:
+            return pem
+    raise InvalidInput(f"{directory / KEY_FILE}: not the key of {directory / CERT_FILE}")
