@@ -99,7 +99,7 @@ async def _read_small_blob(stub: registry_pb2_grpc.RegistryStub, digest: str, si
     index = await stub.GetChunkIndex(registry_pb2.GetChunkIndexRequest(digest=digest), timeout=CALL_TIMEOUT_S)
     ids = [chunk.id for chunk in index.chunks]
     received: dict[bytes, bytes] = {}
-    async for batch in stub.FetchChunks(registry_pb2.FetchChunksRequest(ids=ids, blob_digest=digest),
+    async for batch in stub.FetchChunks(registry_pb2.FetchChunksRequest(ids=ids, blob_digest=digest, verify=True),
                                         timeout=CALL_TIMEOUT_S):
         received.update((chunk.id, chunk.data) for chunk in batch.chunks)
     data = b"".join(received.get(chunk_id, b"") for chunk_id in ids)

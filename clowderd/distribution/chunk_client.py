@@ -3,7 +3,8 @@
 For a blob the node lacks: get its chunk index, take every chunk this node already has from the
 local store (the node-wide chunk map), fetch only the others over several parallel FetchChunks
 streams, write each at its offsets of a store ingest (ContentStore.writer, resumable after a kill),
-check every chunk's BLAKE3 as it arrives (a bad one is asked again, up to MAX_TRIES), and commit the
+check every chunk's BLAKE3 as it arrives (a bad one is asked again, with the source checking it
+before it sends it, so that it quarantines what is corrupt on its disk; up to MAX_TRIES), and commit the
 ingest with the source's chunk index once its sha256 is checked.
 
 Fetches ask for packed batches: a message's chunks arrive as one contiguous run of bytes, which is
@@ -284,7 +285,10 @@ def _fetch_worker(fetch, work: "queue.Queue[list[bytes]]", asm: _BlobAssembly, d
         except queue.Empty:
             return
         try:
-            request = registry_pb2.FetchChunksRequest(ids=unit, blob_digest=digest, packed=True, batch_bytes=batch)
+            with asm.lock:  # chunks that arrived corrupt are asked again with the source checking them
+                verify = any(cid in retries for cid in unit)
+            request = registry_pb2.FetchChunksRequest(ids=unit, blob_digest=digest, packed=True, batch_bytes=batch,
+                                                      verify=verify)
             for raw in fetch(request):
                 bad, nbytes = _receive(asm, raw)
                 for cid in bad:

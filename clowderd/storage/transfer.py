@@ -5,11 +5,14 @@ Chunk bytes are read in a worker thread (pread and BLAKE3 release the GIL), coal
 lie next to each other in one file into one read, and sent several to a message; the next message
 is read while the current one is sent. A packed request gets each message's chunks as one
 contiguous `data` (with their ids and lengths), the whole message verified by one BLAKE3 call.
-Every chunk is checked against its id before it is sent (clowderd.store.verify.bad_chunks): a chunk
-whose stored bytes are corrupt is read again from the blob the client named (a second copy, when that
-blob has its own file), else the stream ends with DATA_LOSS naming the chunk, and the blob whose file
-holds it and the blob named are quarantined, so a corrupt disk never feeds another node. A
-quarantined blob is DATA_LOSS too, naming what was found.
+A request with `verify` has every chunk checked against its id before it is sent
+(clowderd.store.verify.bad_chunks): a chunk whose stored bytes are corrupt is read again from the blob
+the client named (a second copy, when that blob has its own file), else the stream ends with DATA_LOSS
+naming the chunk, and the blob whose file holds it and the blob named are quarantined. Clients check
+every chunk they receive (an id is the chunk's BLAKE3) and ask again with `verify` for those that
+arrived corrupt, so a corrupt disk never feeds another node and is found at its first read, at the cost
+of one check per chunk on the common path rather than two. A quarantined blob is DATA_LOSS too, naming
+what was found.
 """
 from __future__ import annotations
 
@@ -133,6 +136,7 @@ class RegistryServicer(_Unimplemented):
             read = self._read_packed
         else:
             limit, read = BATCH_BYTES, self._read_batch
+        verify = request.verify
         batches = []
         start = 0
         while start < len(ids):
@@ -144,12 +148,12 @@ class RegistryServicer(_Unimplemented):
             start = end
         loop = asyncio.get_running_loop()
         # One read ahead: the worker thread reads and hashes message k+1 while k is sent.
-        pending = loop.run_in_executor(None, read, batches[0], locations, request.blob_digest) \
+        pending = loop.run_in_executor(None, read, batches[0], locations, request.blob_digest, verify) \
             if batches else None
         for k in range(len(batches)):
             message, error = await pending
             if k + 1 < len(batches) and error is None:
-                pending = loop.run_in_executor(None, read, batches[k + 1], locations, request.blob_digest)
+                pending = loop.run_in_executor(None, read, batches[k + 1], locations, request.blob_digest, verify)
             if message is not None:  # the good chunks before a corrupt one still count for the client
                 yield message
             if error:
@@ -180,9 +184,9 @@ class RegistryServicer(_Unimplemented):
         return (f"chunk {cid.hex()} is corrupt in {path} on the source node (blob {blob_digest or 'unknown'}); "
                 "the blob is quarantined there until a push or pull of it repairs it")
 
-    def _read_packed(self, ids, locations, blob_digest):
-        """One packed ChunkBatch of ids, verified: up to the first corrupt chunk (None if that is
-        the first), and the DATA_LOSS message naming that one (None when all are good)."""
+    def _read_packed(self, ids, locations, blob_digest, verify):
+        """One packed ChunkBatch of ids; verified: up to the first corrupt chunk (None if that is the
+        first), and the DATA_LOSS message naming that one (None when all are good)."""
         fds: dict[str, int] = {}
         lengths = [locations[cid][2] for cid in ids]
         try:
@@ -195,7 +199,7 @@ class RegistryServicer(_Unimplemented):
         if len(data) != sum(lengths):  # a file shorter than the index says: find which chunk
             data = data.ljust(sum(lengths), b"\0")
         joined = b"".join(ids)
-        bad = bad_chunks(data, lengths, joined)
+        bad = bad_chunks(data, lengths, joined) if verify else []
         if bad:
             fixed = bytearray(data)
             offsets = [0]
@@ -213,16 +217,16 @@ class RegistryServicer(_Unimplemented):
             return None, error
         return registry_pb2.ChunkBatch(ids=joined, lengths=lengths, data=data), error
 
-    def _read_batch(self, ids, locations, blob_digest):
-        """Read and verify the chunks: a ChunkBatch of ChunkData up to the first corrupt one (None
-        if that is the first), and the DATA_LOSS message naming that one (None when all are good)."""
+    def _read_batch(self, ids, locations, blob_digest, verify):
+        """Read the chunks; verified: a ChunkBatch of ChunkData up to the first corrupt one (None if
+        that is the first), and the DATA_LOSS message naming that one (None when all are good)."""
         out = []
         fds: dict[str, int] = {}
         try:
             for fd, off, n, i, j in self._runs(ids, locations, fds):
                 data = memoryview(os.pread(fd, n, off))
                 lengths = [locations[cid][2] for cid in ids[i:j]]
-                bad = set(bad_chunks(data, lengths, b"".join(ids[i:j])))
+                bad = set(bad_chunks(data, lengths, b"".join(ids[i:j]))) if verify else set()
                 pos = 0
                 for k, (cid, length) in enumerate(zip(ids[i:j], lengths)):
                     chunk = data[pos : pos + length]
