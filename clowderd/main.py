@@ -24,6 +24,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
+from clowderd import eventloop  # noqa: E402
 from clowderd.config import (  # noqa: E402
     LOG_FORMATS, LOG_LEVELS, ROLES, ConfigError, as_dict, build_config, parse_deployments)
 from clowderd.errors import ClowderError  # noqa: E402
@@ -110,7 +111,7 @@ def cli(config_path, roles, data_dir, node_name, controller_listen, storage_list
                                 "config": cfg.config_path, "roles": list(cfg.roles)})
     log.debug("effective config", extra={"settings": as_dict(cfg)})
     try:
-        status = asyncio.run(_serve(cfg))
+        status = eventloop.run(_serve(cfg))
     except ClowderError as e:
         # Cannot start: data dir locked, address in use, ... One line, in the log format.
         log.error(f"cannot start: {e}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from clowderd import eventloop
 from clowderd.engines import protocol
 from clowderd.engines.base import Engine, GenerateRequest
 from clowderd.engines.errors import EngineError
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
                         format=f"%(asctime)s engine-host[{os.getpid()}] %(levelname)s %(message)s")
     watch_parent()
     host = EngineHost(args.socket, args.engine)
-    return asyncio.run(host.run(args.model_dir, args.adapter, args.params))
+    return eventloop.run(host.run(args.model_dir, args.adapter, args.params))
 
 
 if __name__ == "__main__":
