@@ -12,8 +12,8 @@ output word filters, a system prompt, call log, audit log, query storage). LiteL
 offline as ../shared/notes/anchors.md says) in front of bench/echo_openai.py, the same echo as an
 OpenAI-compatible HTTP server. Load comes from Debian's `wrk`.
 
-(a) one client: p50/p99 of a chat call through the lb (wrk, one connection) against the same call on
-    the engine host directly (EngineClient over its local socket): the lb's added latency.
+(a) one client: p50/p99 of a chat call through the lb (wrk, one connection, after a warm-up run) against
+    the same call on the engine host directly (EngineClient over its local socket): the lb's added latency.
 (b) 64 connections: requests/s through the lb against through LiteLLM.
 (c) one streamed call: tokens/s through the lb against the engine host directly, from an echo that
     paces its words at 5,000 tokens/s (faster than any model decodes one stream; 10,000 words, so that
@@ -60,6 +60,7 @@ QUESTION = "hello there, how are you today"
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16}
 PACE = 5000.0  # tokens/s of the paced echo
 PACED_WORDS = 10_000
+WARM_UP_S = 3  # a wrk run before the measured ones, on each server
 LITELLM_VENV = Path.home() / ".cache" / "clowder-bench" / "litellm-venv"
 MIDDLEWARE_CONFIG = {
     "security": {"max_input_bytes": 65536, "prompt_injection": {"enabled": True}},
@@ -183,16 +184,17 @@ def _fresh(directory: Path) -> Path:
 
 
 async def direct_latency(site: Path, workdir: Path, seconds: float) -> list[float]:
-    """Round trips of one chat request on an echo engine host, called directly."""
+    """Round trips of one chat request on an echo engine host, called directly, after WARM_UP_S of them."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
     async with EngineClient("echo", workdir, env=env) as client:
-        samples, deadline = [], time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        samples, start = [], time.perf_counter()
+        while time.perf_counter() < start + WARM_UP_S + seconds:
             t0 = time.perf_counter()
             async for event in client.generate(GenerateRequest(messages=CHAT["messages"], max_tokens=16)):
                 if isinstance(event, Finished):
                     break
-            samples.append((time.perf_counter() - t0) * 1000)
+            if t0 >= start + WARM_UP_S:
+                samples.append((time.perf_counter() - t0) * 1000)
     return samples
 
 
@@ -270,6 +272,7 @@ def main() -> None:
     try:
         base = f"http://{proc.config['lb']['http_listen']}/v1"
         lb_pid = proc.pid
+        wrk(f"{base}/chat/completions", CHAT, 1, WARM_UP_S, auth)  # steady state: first calls fill caches
         one = wrk(f"{base}/chat/completions", CHAT, 1, args.seconds, auth)
         many = wrk(f"{base}/chat/completions", CHAT, 64, args.seconds, auth)
         lb_tps = max(lb_stream_tokens_per_s(base, 2000) for _ in range(3))
@@ -285,6 +288,7 @@ def main() -> None:
         node.stop()
     procs, litellm_url = start_litellm(workdir)
     try:
+        wrk(litellm_url, CHAT, 1, WARM_UP_S, {})
         litellm_one = wrk(litellm_url, CHAT, 1, args.seconds, {})
         litellm_many = wrk(litellm_url, CHAT, 64, args.seconds, {})
     finally:
