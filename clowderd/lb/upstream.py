@@ -130,7 +130,7 @@ class Workers:
     def __init__(self, dialer: Dialer, local: tuple[str, object] | None = None):
         self.dialer = dialer
         self.local = local
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
         self._completions: dict[str, Completions] = {}
         self._generation = dialer.generation
         if local is not None:  # only then: a node that is just an lb never loads the worker's code
@@ -144,13 +144,14 @@ class Workers:
             loop = asyncio.get_running_loop()
             for completions in self._completions.values():
                 loop.create_task(completions.retire())
-            for old in self._channels.values():
+            for old, _ in self._channels.values():
                 loop.create_task(old.close(grace=RETIRED_CHANNEL_GRACE_S))
             self._channels, self._completions, self._generation = {}, {}, self.dialer.generation
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = self.dialer.aio_channel(address, "worker")
-        return worker_pb2_grpc.WorkerStub(channel)
+        held = self._channels.get(address)
+        if held is None:
+            channel = self.dialer.aio_channel(address, "worker")
+            held = self._channels[address] = channel, worker_pb2_grpc.WorkerStub(channel)
+        return held[1]
 
     def _completions_to(self, address: str) -> Completions:
         stub = self._stub(address)
@@ -185,6 +186,6 @@ class Workers:
 
     async def close(self) -> None:
         self._completions.clear()
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
