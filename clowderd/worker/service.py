@@ -166,19 +166,26 @@ async def generate_responses(replicas: ReplicaManager,
 
 
 async def complete_response(replicas: ReplicaManager, request: worker_pb2.GenerateRequest) -> worker_pb2.GenerateResponse:
-    """One answer of Worker.Complete: Generate's messages as one (their text joined, the last finish reason and
-    usage, the first queue time). Raises the errors of STATUS_CODES."""
+    """One answer of Worker.Complete: what Generate streams, as one message (the text joined, the finish
+    reason and usage of the end, the queue time before the first event). Raises the errors of
+    STATUS_CODES."""
+    t0 = time.monotonic_ns()
     whole = worker_pb2.GenerateResponse(index=0)
-    texts = []
-    async with contextlib.aclosing(generate_responses(replicas, request)) as responses:
-        async for out in responses:
-            texts.append(out.text)
-            if out.HasField("queue_time"):
-                whole.queue_time.CopyFrom(out.queue_time)
-            if out.finish_reason:
-                whole.finish_reason = out.finish_reason
-            if out.HasField("usage"):
-                whole.usage.CopyFrom(out.usage)
+    prepared, echo = engine_request(request)
+    texts = [echo]
+    events = replicas.generate(request.replica_id, prepared, request.adapter_digest)
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if not whole.HasField("queue_time"):
+                whole.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
+            if isinstance(event, Finished):
+                whole.finish_reason = event.finish_reason
+                u = event.usage
+                whole.usage.CopyFrom(inference_pb2.Usage(
+                    prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                    total_tokens=u.prompt_tokens + u.completion_tokens))
+            else:
+                texts.append(event.text)
     whole.text = "".join(texts)
     return whole
 
