@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import AsyncIterator, Union
 
@@ -65,7 +65,9 @@ class GenerateRequest:
             raise InvalidRequest(f"seed must be a non-negative integer, not {self.seed!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, for JSON: a shallow copy (asdict's deep copy of every list cost a tenth of a
+        worker's time per call)."""
+        return {name: getattr(self, name) for name in _REQUEST_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerateRequest":
@@ -74,6 +76,9 @@ class GenerateRequest:
         if unknown:
             raise InvalidRequest(f"unknown request fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+_REQUEST_FIELDS = tuple(f.name for f in fields(GenerateRequest))
 
 
 def _finite(x) -> bool:
