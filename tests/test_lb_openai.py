@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import ssl
 import time
@@ -248,6 +249,38 @@ def test_a_caller_that_goes_away_cancels_the_generation_on_the_replica(lb, worke
     while any(r.in_flight for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas):
         assert time.monotonic() < deadline, "the generation went on after the caller left"
         time.sleep(0.05)
+
+
+def test_a_caller_that_hangs_up_before_a_whole_answer_cancels_the_generation_on_the_replica(lb, client, worker):
+    _, stub, _ = worker
+    body = json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 2000, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    address = httpx.URL(lb.base_url)
+
+    def in_flight() -> int:
+        return sum(r.in_flight for r in stub.ListReplicas(worker_pb2.ListReplicasRequest()).replicas)
+
+    def calls_gone() -> int:  # calls the lb's audit log records as ended by their caller (499)
+        log = lb.policy.audit_log
+        return sum(json.loads(line)["status"] == 499 for line in log.read_text().splitlines()) if log.exists() else 0
+
+    gone_before = calls_gone()
+
+    with socket.create_connection((address.host, address.port), timeout=10) as caller:
+        caller.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: lb\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not in_flight():
+            assert time.monotonic() < deadline, "the call never reached the replica"
+            time.sleep(0.05)
+    hung_up = time.monotonic()
+    while in_flight():
+        assert time.monotonic() < hung_up + 10, "the generation went on after the caller hung up"
+        time.sleep(0.05)
+    while calls_gone() == gone_before:  # not a call that ran to its end: one cancelled by the hang-up
+        assert time.monotonic() < hung_up + 10, "the lb did not record the call as ended by its caller"
+        time.sleep(0.05)
+    assert chat(client).choices[0].message.content  # the lb's call to the worker still serves the next ones
 
 
 # -- gRPC ---------------------------------------------------------------------------------------

@@ -4,13 +4,18 @@ streamed (server-sent events ending in `data: [DONE]`) or not. One handler per m
 
 Every response carries the lb's own time in `x-clowder-lb-overhead-ms`: the time the call spent in the lb
 and not waiting on the replica (for a stream, up to its first byte).
+
+A caller that hangs up before its answer is whole (a call that does not stream) or before its first byte
+(a stream) has the call cancelled, and with it the generation on the replica, as a stream whose caller
+goes away later has (answered 499, which nobody reads, and recorded so).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -18,12 +23,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from clowderd.lb.api import parse_chat, parse_completion, parse_json
-from clowderd.lb.dispatch import ChoiceEnd, Dispatcher, Piece, Text, Usage
+from clowderd.lb.dispatch import CLIENT_GONE, ChoiceEnd, Dispatcher, Piece, Text, Usage
 from clowderd.lb.errors import ApiError
 from clowderd.middleware.auth import bearer
 from clowderd.middleware.base import Call
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 OVERHEAD_HEADER = "x-clowder-lb-overhead-ms"
 DEFAULT_MAX_BODY = 4 << 20
@@ -37,6 +44,36 @@ def _overhead_ms(call: Call) -> str:
 def _error_response(error: ApiError, call: Call | None = None) -> JSONResponse:
     headers = {OVERHEAD_HEADER: _overhead_ms(call)} if call is not None else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class CallerHungUp(Exception):
+    """The caller closed its connection before its answer."""
+
+
+async def _unless_hung_up(request: Request, work: Awaitable[T]) -> T:
+    """work's result; CallerHungUp, with work cancelled, when the caller hangs up first. Only once the
+    request's body has been read (the caller then sends nothing more but the end of its connection)."""
+    job = asyncio.ensure_future(work)
+    hang_up = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait((job, hang_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+    if not job.done():
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+        raise CallerHungUp
+    return job.result()
+
+
+async def _hung_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _add_all(enc, pieces: AsyncIterator[Piece]) -> None:
+    async for piece in pieces:
+        enc.add(piece)
 
 
 class OpenAIApp:
@@ -92,28 +129,24 @@ class OpenAIApp:
         except ApiError as e:
             return _error_response(e)
         except ClientDisconnect:
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_GONE)
         call.received = received
         call.body_bytes = int(request.headers.get("content-length") or 0)
         call.api_key = bearer(request.headers.get("authorization"))
         call.client = request.client.host if request.client else ""
         enc = encoding(call, self.dispatcher.routes.get(call.model))
         pieces = self.dispatcher.run(call)
-        try:
-            first = await anext(pieces)  # errors before the first byte get their own status
+        try:  # errors before the first byte get their own status
+            first = await _unless_hung_up(request, anext(pieces) if call.stream else _add_all(enc, pieces))
         except ApiError as e:
             await pieces.aclose()
             return _error_response(e, call)
+        except CallerHungUp:
+            return Response(status_code=CLIENT_GONE)
         if call.stream:
             return StreamingResponse(self._events(enc, first, pieces), media_type="text/event-stream",
                                      headers={**call.response_headers, OVERHEAD_HEADER: _overhead_ms(call),
                                               "cache-control": "no-cache"})
-        try:
-            enc.add(first)
-            async for piece in pieces:
-                enc.add(piece)
-        except ApiError as e:
-            return _error_response(e, call)
         return JSONResponse(enc.whole(), headers={**call.response_headers, OVERHEAD_HEADER: _overhead_ms(call)})
 
     async def _body(self, request: Request) -> object:
