@@ -155,11 +155,7 @@ async def generate_responses(replicas: ReplicaManager,
             out.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
             out.text, first = echo, False
         if isinstance(event, Finished):
-            out.finish_reason = event.finish_reason
-            u = event.usage
-            out.usage.CopyFrom(inference_pb2.Usage(
-                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                total_tokens=u.prompt_tokens + u.completion_tokens))
+            _finish(out, event)
         else:
             out.text += event.text
         yield out
@@ -179,15 +175,19 @@ async def complete_response(replicas: ReplicaManager, request: worker_pb2.Genera
             if not whole.HasField("queue_time"):
                 whole.queue_time.FromNanoseconds(time.monotonic_ns() - t0)
             if isinstance(event, Finished):
-                whole.finish_reason = event.finish_reason
-                u = event.usage
-                whole.usage.CopyFrom(inference_pb2.Usage(
-                    prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                    total_tokens=u.prompt_tokens + u.completion_tokens))
+                _finish(whole, event)
             else:
                 texts.append(event.text)
     whole.text = "".join(texts)
     return whole
+
+
+def _finish(out: worker_pb2.GenerateResponse, event: Finished) -> None:
+    """The end of a choice in out: its finish reason and usage."""
+    out.finish_reason = event.finish_reason
+    u = event.usage
+    out.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                           total_tokens=u.prompt_tokens + u.completion_tokens))
 
 
 def register(server: grpc.aio.Server, process: "Process") -> None:
