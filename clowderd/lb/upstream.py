@@ -47,6 +47,10 @@ class UpstreamError(Exception):
         self.code = code
         self.details = details
 
+    @classmethod
+    def of(cls, error: grpc.aio.AioRpcError) -> "UpstreamError":
+        return cls(error.code(), error.details() or error.code().name)
+
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -73,7 +77,7 @@ class Completions:
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
         except grpc.aio.AioRpcError as e:
-            error = UpstreamError(e.code(), e.details() or e.code().name)
+            error = UpstreamError.of(e)
         except asyncio.CancelledError:  # the channel was closed
             error = UpstreamError(grpc.StatusCode.UNAVAILABLE, "the call to the worker was closed")
         finally:
@@ -95,7 +99,7 @@ class Completions:
             answer = await waiting
         except grpc.aio.AioRpcError as e:  # the call ended before the request was sent
             self._waiting.pop(tag, None)
-            raise UpstreamError(e.code(), e.details() or e.code().name) from None
+            raise UpstreamError.of(e) from None
         except asyncio.CancelledError:
             if self._waiting.pop(tag, None) is not None and self.ended is None:
                 cancel = asyncio.get_running_loop().create_task(self._cancel(tag))
@@ -180,7 +184,7 @@ class Workers:
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as e:
-            raise UpstreamError(e.code(), e.details() or e.code().name) from None
+            raise UpstreamError.of(e) from None
         finally:
             call.cancel()  # a no-op once the call has ended
 
