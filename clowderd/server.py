@@ -343,6 +343,10 @@ class Process:
         if authorizer is not None:
             authorizer.allow(service, methods)
 
+    def authorizer(self, listener: str) -> Authorizer | None:
+        """The checks of a listener between roles; None on a public listener or with insecure = true."""
+        return self._authorizers.get(listener)
+
     def joining(self, status: str) -> None:
         """While the node waits to join: tell systemd what it waits for, and that it needs more time."""
         sd_notify(f"STATUS={status}\nEXTEND_TIMEOUT_USEC={JOIN_STATUS_EXTEND_S * 1_000_000}")

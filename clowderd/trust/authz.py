@@ -119,8 +119,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
             self._holders[pem] = held
         return held
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, method: str, why: str,
-                      holder: certs.Holder | None) -> None:
+    async def refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, method: str, why: str,
+                     holder: certs.Holder | None) -> None:
+        """Log the refusal (bounded, as every refusal on this listener) and end the call with code."""
         self._refusals.log(code, context.peer(), method, why, holder)
         await context.abort(code, why)
 
@@ -131,14 +132,14 @@ class Authorizer(grpc.aio.ServerInterceptor):
         if holder is None:
             why = ("no client certificate was presented" if not pems else
                    "the client certificate names no node of this cluster")
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, None)
+            await self.refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, None)
         why = lapsed(holder, self.revocations)
         if why:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, holder)
+            await self.refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, why, holder)
         roles = self._open.get(method)
         if not roles or not holder.has_role(*roles):
             opened = f"open to {', '.join(sorted(roles))}" if roles else "not open to other nodes"
-            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, method,
+            await self.refuse(context, grpc.StatusCode.PERMISSION_DENIED, method,
                                f"{method} is {opened}; the caller is {holder}", holder)
         _caller.set(holder)
         return holder

@@ -50,10 +50,10 @@ HANDLED, status_code = STATUS_CODES.handled, STATUS_CODES.code
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, replicas: ReplicaManager, node_name: str, revocations: authz.Revocations):
+    def __init__(self, replicas: ReplicaManager, node_name: str, authorizer: authz.Authorizer | None):
         self.replicas = replicas
         self.node_name = node_name
-        self.revocations = revocations
+        self.authorizer = authorizer  # None with insecure = true
 
     def status(self, replica: Replica) -> common_pb2.ReplicaStatus:
         since = timestamp_pb2.Timestamp()
@@ -114,7 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async def take() -> None:
             try:
                 async for message in requests:
-                    why = holder and authz.lapsed(holder, self.revocations)
+                    why = holder and authz.lapsed(holder, self.authorizer.revocations)
                     if why:
                         answers.put_nowait(why)
                         return
@@ -131,10 +131,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             while (out := await answers.get()) is not None:
                 if isinstance(out, str):
-                    log.warning("call refused", extra={"listener": "worker", "peer": context.peer(),
-                                                       "method": "/clowder.v1.Worker/Complete", "reason": out,
-                                                       "caller": str(holder)})
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, out)
+                    await self.authorizer.refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                                                 "/clowder.v1.Worker/Complete", out, holder)
                 yield out
         finally:
             taking.cancel()
@@ -196,7 +194,7 @@ def register(server: grpc.aio.Server, process: "Process") -> None:
     store = ContentStore(Path(config.data_dir) / "store")
     scrub.run_in(process, store, "worker")
     replicas = ReplicaManager(store, config.worker_pull_from, process.dialer)
-    servicer = WorkerServicer(replicas, config.node_name, process.revocations)
+    servicer = WorkerServicer(replicas, config.node_name, process.authorizer("worker"))
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     # Generation is the lb's (the middleware chain runs there; an lb in this process calls the replicas
     # directly); what runs where is the controller's.
